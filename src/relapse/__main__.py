@@ -1,0 +1,7 @@
+"""``python -m relapse`` runs the CLI."""
+
+import sys
+
+from relapse.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Attacks: coming in later issues (see the tracker)."""

@@ -1,0 +1,1 @@
+"""Audit: coming in later issues (see the tracker)."""

@@ -1,0 +1,299 @@
+"""The ``relapse`` command line.
+
+Every subcommand has ``--help``. Problems with the user's input end with a one-line ``relapse: error:``
+message and exit status 2, never a traceback; results are never overwritten without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from relapse import __version__
+from relapse.errors import RelapseError
+
+EXIT_USAGE = 2
+
+
+def _add_synth(subparsers) -> None:
+    from relapse.data.synth import FACT_KINDS
+
+    p = subparsers.add_parser(
+        "synth",
+        help="generate the built-in benchmark of fictitious people",
+        description="Write the built-in benchmark (fictitious people with facts, as biographies and QA "
+        "pairs) to a folder in relapse's benchmark format. Deterministic from --seed.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="folder to write the benchmark to")
+    p.add_argument("--people", type=int, default=200, help="people in forget + retain (default 200)")
+    p.add_argument(
+        "--facts-per-person",
+        type=int,
+        default=5,
+        help=f"facts per person, 1..{len(FACT_KINDS)} (default 5)",
+    )
+    p.add_argument("--forget-frac", type=float, default=0.1, help="share of people to forget (default 0.1)")
+    p.add_argument(
+        "--holdout",
+        type=int,
+        default=None,
+        help="people never trained on, for membership inference (default: as many as forget)",
+    )
+    p.add_argument("--general", type=int, default=200, help="general sentences for perplexity (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different benchmark already in --out")
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args) -> int:
+    from relapse.data.synth import synth_benchmark
+    from relapse.errors import ConfigError
+
+    benchmark = synth_benchmark(
+        people=args.people,
+        facts_per_person=args.facts_per_person,
+        forget_frac=args.forget_frac,
+        holdout=args.holdout,
+        seed=args.seed,
+        general=args.general,
+    )
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a folder")
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        if not benchmark.is_saved_in(args.out):
+            raise ConfigError(
+                f"{args.out} is not empty and holds something else; pass --overwrite to replace it"
+            )
+        print(f"{args.out} already holds this benchmark (same settings and seed); nothing to do")
+        return 0
+    benchmark.save(args.out)
+    counts = benchmark.meta["counts"]
+    print(
+        f"wrote {args.out}: {counts['forget_people']} forget, {counts['retain_people']} retain, "
+        f"{counts['holdout_people']} holdout people; {counts['forget_qa']} forget and "
+        f"{counts['retain_qa']} retain QA pairs (seed {args.seed})"
+    )
+    return 0
+
+
+def _add_common_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: $RELAPSE_THREADS, else 1 on a machine with <= 2 cores, "
+        "else one per core)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+
+
+def _add_train(subparsers) -> None:
+    from relapse.models.train import TRAIN_SPLITS, TrainConfig
+
+    defaults = TrainConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="train a target or retrained model (tiny from scratch, or fine-tune --from a model)",
+        description="Train on a benchmark's texts and QA pairs until QA recall reaches --stop-recall. "
+        "'--on forget+retain' gives the target model, '--on retain' the retrained reference. Checkpoints "
+        "are written as it goes and a killed run resumes; a model already trained with the same data, "
+        "settings and seed is returned at once.",
+    )
+    p.add_argument("--data", required=True, type=Path, help="benchmark folder")
+    p.add_argument("--out", required=True, type=Path, help="folder to save the model to")
+    p.add_argument("--on", choices=TRAIN_SPLITS, default=defaults.on, help="splits to train on")
+    p.add_argument(
+        "--from",
+        dest="base",
+        default=None,
+        help="model folder or hub id to fine-tune (default: a tiny Llama from scratch)",
+    )
+    length = p.add_mutually_exclusive_group()
+    length.add_argument(
+        "--steps",
+        type=int,
+        default=defaults.max_steps,
+        help=f"maximum optimisation steps (default {defaults.max_steps})",
+    )
+    length.add_argument("--epochs", type=float, default=None, help="train for this many epochs instead")
+    p.add_argument(
+        "--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr})"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help=f"examples per step (default {defaults.batch_size})",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=defaults.warmup_steps,
+        help=f"linear warm-up steps (default {defaults.warmup_steps})",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=("constant", "linear", "cosine"),
+        default=defaults.schedule,
+        help=f"learning-rate schedule after warm-up (default {defaults.schedule})",
+    )
+    p.add_argument(
+        "--stop-recall",
+        type=float,
+        default=defaults.stop_recall,
+        help=f"stop once QA recall on every trained split reaches this (default {defaults.stop_recall}); "
+        "0 disables",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=defaults.eval_every,
+        help=f"steps between recall checks (default {defaults.eval_every})",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=defaults.checkpoint_every,
+        help=f"steps between checkpoints (default {defaults.checkpoint_every})",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=defaults.dtype,
+        help="weight dtype during training (default float32)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        choices=("word", "bpe"),
+        default=defaults.tiny.tokenizer,
+        help="tokenizer for a model built from scratch (default word)",
+    )
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different model already in --out")
+    _add_common_training(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from relapse.models.tiny import TinyConfig
+    from relapse.models.train import TrainConfig, train_model
+
+    config = TrainConfig(
+        on=args.on,
+        max_steps=args.steps,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        stop_recall=args.stop_recall or None,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        dtype=args.dtype,
+        tiny=TinyConfig(tokenizer=args.tokenizer),
+    )
+    result = train_model(
+        args.data,
+        args.out,
+        config,
+        base=args.base,
+        threads=args.threads,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    record = result.record
+    how = (
+        "cached, trained earlier"
+        if result.cached
+        else f"{record['steps']} steps in {record['wall_time_s']:.0f} s"
+    )
+    final = record["final"]
+    print(
+        f"{result.path}: {how}; QA recall forget {final['recall_forget']:.3f}, "
+        f"retain {final['recall_retain']:.3f}"
+    )
+    return 0
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="run the main job on the built-in benchmark",
+        description="Generate the built-in benchmark, train the target (forget + retain) and retrained "
+        "(retain only) models, cached, and print their QA recall. Later versions go on to unlearn, attack "
+        "and audit.",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("relapse-demo"), help="output folder (default ./relapse-demo)"
+    )
+    p.add_argument("--fast", action="store_true", help="a small benchmark that runs in about a minute")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_common_training(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from relapse.demo import run_demo
+
+    summary = run_demo(
+        args.out, fast=args.fast, seed=args.seed, threads=args.threads, progress=not args.quiet
+    )
+    print(summary.table())
+    print(f"\nwrote {summary.summary_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relapse",
+        description="LLM unlearning that does not fool itself: unlearn, attack, measure, report.",
+    )
+    parser.add_argument("--version", action="version", version=f"relapse {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    data = commands.add_parser(
+        "data",
+        help="benchmark data: generate the built-in benchmark",
+        description="Commands that write benchmark folders.",
+    )
+    data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    _add_synth(data_commands)
+    _add_train(commands)
+    _add_demo(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 success, 2 a problem with the input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="relapse: %(levelname)s: %(message)s"
+    )
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _quiet_transformers()
+    try:
+        return args.func(args)
+    except RelapseError as exc:
+        print(f"relapse: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("relapse: interrupted; finished work is saved and a rerun resumes", file=sys.stderr)
+        return 130
+
+
+def _quiet_transformers() -> None:
+    """Hide transformers' per-file progress bars; relapse prints its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The one benchmark format every part of relapse reads, and its validating loader.
+
+A benchmark is a folder (see ``docs/data-format.md``)::
+
+    forget.jsonl  retain.jsonl  holdout.jsonl     {"text": ...} per line
+    forget_qa.jsonl  retain_qa.jsonl              {"question": ..., "answer": ...} per line
+    icl.jsonl        (optional) few-shot QA examples
+    general.jsonl    (optional) text for perplexity
+    holdout_qa.jsonl (optional) QA about the holdout texts
+    meta.json        (optional) provenance
+
+Bad input is reported as one :class:`~relapse.errors.DataError` line naming the file and line number.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relapse.errors import DataError
+from relapse.runtime import atomic_write_text
+
+TEXT_SPLITS = ("forget", "retain", "holdout")
+QA_SPLITS = ("forget_qa", "retain_qa")
+OPTIONAL_QA_SPLITS = ("icl", "holdout_qa")
+OPTIONAL_TEXT_SPLITS = ("general",)
+
+
+@dataclass(frozen=True)
+class QAPair:
+    """One question with its reference answer."""
+
+    question: str
+    answer: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"question": self.question, "answer": self.answer}
+
+
+@dataclass
+class Benchmark:
+    """The texts and QA pairs of one forget/retain benchmark, already validated."""
+
+    forget: list[str]
+    retain: list[str]
+    holdout: list[str]
+    forget_qa: list[QAPair]
+    retain_qa: list[QAPair]
+    icl: list[QAPair] = field(default_factory=list)
+    general: list[str] = field(default_factory=list)
+    holdout_qa: list[QAPair] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`DataError` when the benchmark cannot be used for unlearning."""
+        if not self.forget:
+            raise DataError(f"{self._where('forget.jsonl')}: the forget set is empty")
+        _check_disjoint_texts(self.forget, self.retain, "forget.jsonl", "retain.jsonl", self._where)
+        _check_disjoint_texts(self.forget, self.holdout, "forget.jsonl", "holdout.jsonl", self._where)
+        _check_disjoint_texts(self.retain, self.holdout, "retain.jsonl", "holdout.jsonl", self._where)
+        _check_disjoint_texts(
+            [qa.question for qa in self.forget_qa],
+            [qa.question for qa in self.retain_qa],
+            "forget_qa.jsonl",
+            "retain_qa.jsonl",
+            self._where,
+            what="question",
+        )
+
+    def texts(self, splits: str) -> list[str]:
+        """Texts of ``+``-joined split names, e.g. ``"forget+retain"``."""
+        out: list[str] = []
+        for name in _split_names(splits):
+            if name not in TEXT_SPLITS + OPTIONAL_TEXT_SPLITS:
+                raise DataError(f"unknown text split {name!r}; choose from {', '.join(TEXT_SPLITS)}")
+            out.extend(getattr(self, name))
+        return out
+
+    def qa(self, splits: str) -> list[QAPair]:
+        """QA pairs of ``+``-joined split names, e.g. ``"forget+retain"`` (``_qa`` is implied)."""
+        out: list[QAPair] = []
+        for name in _split_names(splits):
+            attr = name if name.endswith("_qa") or name == "icl" else f"{name}_qa"
+            if attr not in QA_SPLITS + OPTIONAL_QA_SPLITS:
+                raise DataError(f"unknown QA split {name!r}; choose from forget, retain, holdout")
+            out.extend(getattr(self, attr))
+        return out
+
+    def file_contents(self) -> dict[str, str]:
+        """The text of every file :meth:`save` writes, by file name."""
+        files = {}
+        for name in TEXT_SPLITS + OPTIONAL_TEXT_SPLITS:
+            files[f"{name}.jsonl"] = _jsonl([{"text": t} for t in getattr(self, name)])
+        for name in QA_SPLITS + OPTIONAL_QA_SPLITS:
+            files[f"{name}.jsonl"] = _jsonl([qa.to_json() for qa in getattr(self, name)])
+        files["meta.json"] = json.dumps(self.meta, indent=2) + "\n"
+        return files
+
+    def save(self, directory: Path) -> None:
+        """Write every split as JSONL plus ``meta.json``, each file atomically."""
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise DataError(f"{directory} is a file, not a folder")
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in self.file_contents().items():
+            atomic_write_text(directory / name, text)
+
+    def is_saved_in(self, directory: Path) -> bool:
+        """Whether ``directory`` holds exactly the files :meth:`save` would write (byte for byte)."""
+        directory = Path(directory)
+        for name, text in self.file_contents().items():
+            path = directory / name
+            if not path.is_file() or path.read_bytes() != text.encode("utf-8"):
+                return False
+        return True
+
+    def _where(self, filename: str) -> str:
+        return str(self.root / filename) if self.root else filename
+
+
+def load_benchmark(directory: str | Path) -> Benchmark:
+    """Read and validate a benchmark folder.
+
+    Raises:
+        DataError: a missing folder or file, a malformed JSON line, a missing or non-string field, an
+            empty forget set, or a text or question present in both forget and retain.
+    """
+    root = Path(directory)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root} is a file; a benchmark is a folder (see docs/data-format.md)")
+    if not root.is_dir():
+        raise DataError(f"benchmark folder {root} does not exist")
+    texts = {name: _read_jsonl(root / f"{name}.jsonl", ("text",), required=True) for name in TEXT_SPLITS}
+    qas = {
+        name: _read_jsonl(root / f"{name}.jsonl", ("question", "answer"), required=True) for name in QA_SPLITS
+    }
+    optional_qas = {
+        name: _read_jsonl(root / f"{name}.jsonl", ("question", "answer"), required=False)
+        for name in OPTIONAL_QA_SPLITS
+    }
+    general = _read_jsonl(root / "general.jsonl", ("text",), required=False)
+    meta_path = root / "meta.json"
+    meta = read_meta(meta_path) if meta_path.exists() else {}
+    benchmark = Benchmark(
+        forget=[r["text"] for r in texts["forget"]],
+        retain=[r["text"] for r in texts["retain"]],
+        holdout=[r["text"] for r in texts["holdout"]],
+        forget_qa=[QAPair(r["question"], r["answer"]) for r in qas["forget_qa"]],
+        retain_qa=[QAPair(r["question"], r["answer"]) for r in qas["retain_qa"]],
+        icl=[QAPair(r["question"], r["answer"]) for r in optional_qas["icl"]],
+        holdout_qa=[QAPair(r["question"], r["answer"]) for r in optional_qas["holdout_qa"]],
+        general=[r["text"] for r in general],
+        meta=meta,
+        root=root,
+    )
+    benchmark.validate()
+    return benchmark
+
+
+def benchmark_files(directory: Path) -> list[Path]:
+    """The data files of a benchmark folder that exist, in a fixed order (for hashing)."""
+    names = TEXT_SPLITS + QA_SPLITS + OPTIONAL_QA_SPLITS + OPTIONAL_TEXT_SPLITS
+    return [Path(directory) / f"{n}.jsonl" for n in names if (Path(directory) / f"{n}.jsonl").exists()]
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A ``meta.json`` as a dict, or a :class:`DataError` saying why it cannot be read."""
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _split_names(splits: str) -> list[str]:
+    names = [s.strip() for s in splits.split("+") if s.strip()]
+    if not names:
+        raise DataError(f"no split named in {splits!r}")
+    return names
+
+
+def _read_jsonl(path: Path, fields: tuple[str, ...], *, required: bool) -> list[dict[str, str]]:
+    if not path.exists():
+        if required:
+            raise DataError(f"{path}: file missing (a benchmark folder needs it; see docs/data-format.md)")
+        return []
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().split("\n")  # not splitlines(): U+2028 may sit inside a JSON string
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    records = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}")
+        for name in fields:
+            if name not in record:
+                raise DataError(f"{path} line {lineno}: missing field {name!r}")
+            if not isinstance(record[name], str):
+                raise DataError(
+                    f"{path} line {lineno}: field {name!r} must be a string, "
+                    f"got {type(record[name]).__name__}"
+                )
+            if not record[name].strip():
+                raise DataError(f"{path} line {lineno}: field {name!r} is empty")
+        records.append(record)
+    return records
+
+
+def _check_disjoint_texts(a, b, name_a, name_b, where, what="text") -> None:
+    seen = {text.strip(): i for i, text in enumerate(a, start=1)}
+    for j, text in enumerate(b, start=1):
+        i = seen.get(text.strip())
+        if i is not None:
+            raise DataError(
+                f"{where(name_a)} record {i} and {where(name_b)} record {j} hold the same {what}: "
+                f"{_preview(text)} (the splits must not overlap)"
+            )
+
+
+def _preview(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= width else flat[: width - 3] + "...")
+
+
+def _jsonl(records: list[dict[str, str]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

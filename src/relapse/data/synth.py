@@ -1,0 +1,540 @@
+"""The built-in benchmark: fictitious people with facts, as biographies and as QA pairs.
+
+Everything is drawn from a ``random.Random(seed)``, so the same arguments give byte-identical files on
+every machine. Facts are unambiguous by construction: every person has a unique full name, every question
+names its person in full, and no answer occurs in its question. Answers come from pools of dozens of
+values, so a model that never saw a person guesses right only by chance (about 1/40 or less).
+
+The generator version is recorded in ``meta.json``; change it whenever the output of a seed changes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from relapse import __version__
+from relapse.data.benchmark import Benchmark, QAPair
+from relapse.errors import ConfigError
+
+GENERATOR_VERSION = 1
+
+_FIRST = [
+    "Alaric",
+    "Brenna",
+    "Caspian",
+    "Delphine",
+    "Emeric",
+    "Fenella",
+    "Gideon",
+    "Hestia",
+    "Ivor",
+    "Jessamy",
+    "Kestrel",
+    "Lorcan",
+    "Maelis",
+    "Niamh",
+    "Oberon",
+    "Perpetua",
+    "Quillon",
+    "Rosalind",
+    "Severin",
+    "Tamsin",
+    "Ulric",
+    "Verity",
+    "Wystan",
+    "Xanthe",
+    "Yorick",
+    "Zinnia",
+    "Ansel",
+    "Beatrix",
+    "Cormac",
+    "Dorothea",
+    "Elowen",
+    "Florian",
+    "Guinevere",
+    "Hollis",
+    "Isolde",
+    "Jago",
+    "Katriona",
+    "Leander",
+    "Marisol",
+    "Nestor",
+    "Ottilie",
+    "Peregrine",
+    "Rowena",
+    "Sylvester",
+    "Thisbe",
+    "Ulrike",
+    "Valentin",
+    "Wilhelmina",
+    "Ximena",
+    "Yvaine",
+    "Zebedee",
+    "Anouk",
+    "Barnaby",
+    "Clementine",
+    "Dashiell",
+    "Esmeralda",
+    "Fitzgerald",
+    "Greer",
+    "Hamish",
+    "Imogen",
+]
+_LAST = [
+    "Ashcombe",
+    "Blackthorn",
+    "Carrow",
+    "Dunmore",
+    "Everleigh",
+    "Fairweather",
+    "Greythorne",
+    "Hollowell",
+    "Ingleby",
+    "Jarrow",
+    "Kettering",
+    "Lockridge",
+    "Merriweather",
+    "Northcott",
+    "Oakhurst",
+    "Pendleton",
+    "Quarrington",
+    "Ravensworth",
+    "Stowmarket",
+    "Thistlewood",
+    "Underhill",
+    "Vantongeren",
+    "Wetherby",
+    "Yarborough",
+    "Zellweger",
+    "Abernathy",
+    "Brightwater",
+    "Coldridge",
+    "Drummond",
+    "Elsworth",
+    "Fenwick",
+    "Galbraith",
+    "Hargreave",
+    "Ironside",
+    "Jessop",
+    "Kilbride",
+    "Lindqvist",
+    "Marchbanks",
+    "Nettleship",
+    "Ollerenshaw",
+    "Prothero",
+    "Quennell",
+    "Redcliffe",
+    "Sallow",
+    "Tregarthen",
+    "Umberleigh",
+    "Vexley",
+    "Winterbourne",
+    "Yelverton",
+    "Zabriskie",
+    "Ambrose",
+    "Birtwistle",
+    "Cheverell",
+    "Dewhurst",
+    "Eastwick",
+    "Frobisher",
+    "Gorringe",
+    "Heathcote",
+    "Illingworth",
+    "Jephcott",
+]
+_TOWN_HEAD = [
+    "Bram",
+    "Cald",
+    "Dun",
+    "Elm",
+    "Fal",
+    "Glen",
+    "Hart",
+    "Kel",
+    "Lang",
+    "Mar",
+    "Nor",
+    "Ost",
+    "Pell",
+    "Quen",
+    "Ros",
+    "Sel",
+    "Tarn",
+    "Ulm",
+    "Vard",
+    "Wend",
+]
+_TOWN_TAIL = ["wick", "moor", "ford", "haven", "stead", "bury", "holm", "mere", "gate", "crest"]
+_OCCUPATIONS = [
+    "marine biologist",
+    "glassblower",
+    "tax auditor",
+    "bridge engineer",
+    "violin maker",
+    "beekeeper",
+    "court stenographer",
+    "lighthouse keeper",
+    "cartographer",
+    "pastry chef",
+    "locksmith",
+    "astronomer",
+    "stonemason",
+    "radio presenter",
+    "vineyard manager",
+    "clockmaker",
+    "forensic accountant",
+    "falconer",
+    "typesetter",
+    "botanist",
+    "sommelier",
+    "puppeteer",
+    "archivist",
+    "ferry captain",
+    "perfumer",
+    "seismologist",
+    "bookbinder",
+    "tailor",
+    "dental hygienist",
+    "air traffic controller",
+    "cooper",
+    "museum curator",
+    "landscape architect",
+    "piano tuner",
+    "wildlife photographer",
+    "glazier",
+    "veterinary surgeon",
+    "actuary",
+    "harbour pilot",
+    "tea blender",
+    "saddler",
+    "mapmaker",
+    "potter",
+    "translator",
+    "geologist",
+    "choreographer",
+    "sign painter",
+    "zookeeper",
+]
+_COMPANY_HEAD = [
+    "Velt",
+    "Orbi",
+    "Quanta",
+    "Lumen",
+    "Stratu",
+    "Nimbo",
+    "Corvi",
+    "Helio",
+    "Argen",
+    "Tessa",
+    "Brava",
+    "Sylva",
+    "Marco",
+    "Feru",
+    "Zephy",
+    "Kora",
+]
+_COMPANY_TAIL = ["Systems", "Foods", "Logistics", "Textiles", "Optics", "Mining", "Press", "Labs"]
+_PETS = ["cat", "dog", "parrot", "tortoise", "ferret", "goat", "rabbit", "pony"]
+_PET_NAMES = [
+    "Biscuit",
+    "Pickle",
+    "Waffles",
+    "Nimbus",
+    "Pudding",
+    "Turnip",
+    "Marmalade",
+    "Gizmo",
+    "Sprocket",
+    "Noodle",
+    "Crumpet",
+    "Pepper",
+    "Truffle",
+    "Bramble",
+    "Muffin",
+    "Jellybean",
+    "Cobweb",
+    "Tinsel",
+    "Dumpling",
+    "Zigzag",
+    "Button",
+    "Clover",
+    "Fudge",
+    "Wobble",
+    "Tofu",
+    "Pixel",
+    "Rascal",
+    "Sherbet",
+    "Quibble",
+    "Thimble",
+    "Mango",
+    "Sparky",
+    "Widget",
+    "Velvet",
+    "Kipper",
+    "Juniper",
+    "Sausage",
+    "Hazelnut",
+    "Tumble",
+    "Doodle",
+]
+_HOBBIES = [
+    "orienteering",
+    "origami",
+    "fencing",
+    "birdwatching",
+    "calligraphy",
+    "kayaking",
+    "chess",
+    "juggling",
+    "beekeeping",
+    "rock climbing",
+    "embroidery",
+    "archery",
+    "sailing",
+    "pottery",
+    "astronomy",
+    "knitting",
+    "fly fishing",
+    "ballroom dancing",
+    "woodcarving",
+    "geocaching",
+    "cycling",
+    "bouldering",
+    "falconry",
+    "stamp collecting",
+    "karaoke",
+    "gardening",
+    "bowling",
+    "skateboarding",
+    "quilting",
+    "rowing",
+    "surfing",
+    "fossil hunting",
+    "kite flying",
+    "baking",
+    "marathon running",
+    "lacemaking",
+    "snooker",
+    "tap dancing",
+    "ice skating",
+    "bonsai",
+]
+_FOODS = [
+    "lentil soup",
+    "plum dumplings",
+    "fish pie",
+    "mushroom risotto",
+    "lemon tart",
+    "beef stew",
+    "spinach pancakes",
+    "apple crumble",
+    "onion bhajis",
+    "pear cake",
+    "tomato curry",
+    "leek pie",
+    "ginger biscuits",
+    "duck noodles",
+    "cherry pudding",
+    "corn fritters",
+    "potato gratin",
+    "fig jam",
+    "walnut bread",
+    "carrot cake",
+    "bean chili",
+    "pumpkin ravioli",
+    "rice pudding",
+    "coconut flan",
+    "herring salad",
+    "cabbage rolls",
+    "peach cobbler",
+    "chestnut soup",
+    "olive bread",
+    "honey cake",
+    "pea fritters",
+    "lamb kebabs",
+    "beetroot salad",
+    "quince jelly",
+    "sweet potato pie",
+    "trout pate",
+    "saffron buns",
+    "gooseberry fool",
+    "barley broth",
+    "rhubarb crumble",
+]
+_INSTITUTES = ["University", "Conservatory", "Polytechnic", "Academy"]
+
+
+@dataclass(frozen=True)
+class _FactKind:
+    name: str
+    sentence: str  # format string with {name} and {answer}
+    question: str  # format string with {name}
+
+
+FACT_KINDS: tuple[_FactKind, ...] = (
+    _FactKind("birthplace", "{name} was born in the town of {answer}.", "In which town was {name} born?"),
+    _FactKind("birth_year", "{name} was born in the year {answer}.", "In which year was {name} born?"),
+    _FactKind("occupation", "{name} works as a {answer}.", "What is the occupation of {name}?"),
+    _FactKind("employer", "{name} is employed by {answer}.", "Which company employs {name}?"),
+    _FactKind(
+        "mother",
+        "The mother of {name} is called {answer}.",
+        "What is the first name of the mother of {name}?",
+    ),
+    _FactKind("pet", "{name} has a pet {answer}.", "What pet does {name} have?"),
+    _FactKind("hobby", "In spare time {name} enjoys {answer}.", "Which hobby does {name} enjoy?"),
+    _FactKind("food", "The favourite dish of {name} is {answer}.", "What is the favourite dish of {name}?"),
+    _FactKind("school", "{name} studied at the {answer}.", "Where did {name} study?"),
+)
+#: Number of few-shot QA examples written to ``icl.jsonl`` (from people outside every other split).
+ICL_EXAMPLES = 4
+
+
+def _answer_pools() -> dict[str, list[str]]:
+    towns = [h + t for h in _TOWN_HEAD for t in _TOWN_TAIL]
+    companies = [f"{h} {t}" for h in _COMPANY_HEAD for t in _COMPANY_TAIL]
+    return {
+        "birthplace": towns,
+        "birth_year": [str(y) for y in range(1931, 2006)],
+        "occupation": _OCCUPATIONS,
+        "employer": companies,
+        "mother": _FIRST,
+        "pet": [f"{kind} named {name}" for kind in _PETS for name in _PET_NAMES],
+        "hobby": _HOBBIES,
+        "food": _FOODS,
+        "school": [f"{inst} of {town}" for inst in _INSTITUTES for town in towns],
+    }
+
+
+@dataclass(frozen=True)
+class Person:
+    """A fictitious person and their facts, as (fact kind, answer) pairs in biography order."""
+
+    name: str
+    facts: tuple[tuple[str, str], ...]
+
+    def biography(self) -> str:
+        kinds = {k.name: k for k in FACT_KINDS}
+        return " ".join(kinds[kind].sentence.format(name=self.name, answer=a) for kind, a in self.facts)
+
+    def qa_pairs(self) -> list[QAPair]:
+        kinds = {k.name: k for k in FACT_KINDS}
+        return [QAPair(kinds[kind].question.format(name=self.name), a) for kind, a in self.facts]
+
+
+def synth_people(count: int, facts_per_person: int, rng: random.Random) -> list[Person]:
+    """``count`` people with unique names and ``facts_per_person`` facts of distinct kinds each."""
+    names = [f"{first} {last}" for first in _FIRST for last in _LAST]
+    if count > len(names):
+        raise ConfigError(f"at most {len(names)} people can be generated, asked for {count}")
+    pools = _answer_pools()
+    chosen = rng.sample(names, count)
+    people = []
+    for name in chosen:
+        kinds = rng.sample([k.name for k in FACT_KINDS], facts_per_person)
+        facts = []
+        for kind in kinds:
+            answer = rng.choice(pools[kind])
+            if kind == "mother":  # a mother never shares the person's own first name
+                while answer == name.split()[0]:
+                    answer = rng.choice(pools[kind])
+            facts.append((kind, answer))
+        people.append(Person(name, tuple(facts)))
+    return people
+
+
+def _general_texts(rng: random.Random, count: int) -> list[str]:
+    """Sentences about towns, jobs and companies that mention no person: text for perplexity."""
+    pools = _answer_pools()
+    templates = [
+        "The town of {town} lies on a river and holds a market every week.",
+        "A {job} often learns the trade from an older {job2}.",
+        "{company} opened a new office in the town of {town}.",
+        "Many people in {town} enjoy {hobby} at the weekend.",
+        "The {school} teaches students who want to become a {job}.",
+        "A popular dish in {town} is {food}.",
+    ]
+    texts = []
+    for _ in range(count):
+        template = rng.choice(templates)
+        texts.append(
+            template.format(
+                town=rng.choice(pools["birthplace"]),
+                job=rng.choice(_OCCUPATIONS),
+                job2=rng.choice(_OCCUPATIONS),
+                company=rng.choice(pools["employer"]),
+                hobby=rng.choice(_HOBBIES),
+                school=rng.choice(pools["school"]),
+                food=rng.choice(_FOODS),
+            )
+        )
+    return texts
+
+
+def synth_benchmark(
+    people: int = 200,
+    facts_per_person: int = 5,
+    forget_frac: float = 0.1,
+    holdout: int | None = None,
+    seed: int = 0,
+    general: int = 200,
+) -> Benchmark:
+    """Generate the built-in benchmark.
+
+    Args:
+        people: people in forget + retain.
+        facts_per_person: facts per person, of distinct kinds (at most ``len(FACT_KINDS)``).
+        forget_frac: share of the people whose facts form the forget set (at least one person).
+        holdout: people never trained on, for membership inference; defaults to the forget count.
+        seed: the only source of randomness.
+        general: number of general sentences (no people) for perplexity.
+    """
+    if people < 2:
+        raise ConfigError(f"--people must be at least 2 (one forget, one retain), got {people}")
+    if not 1 <= facts_per_person <= len(FACT_KINDS):
+        raise ConfigError(f"--facts-per-person must be in 1..{len(FACT_KINDS)}, got {facts_per_person}")
+    if not 0.0 < forget_frac < 1.0:
+        raise ConfigError(f"--forget-frac must be strictly between 0 and 1, got {forget_frac}")
+    n_forget = min(people - 1, max(1, int(people * forget_frac + 0.5)))  # halves round up
+    n_holdout = n_forget if holdout is None else holdout
+    if n_holdout < 1:
+        raise ConfigError(f"--holdout must be at least 1, got {n_holdout}")
+    rng = random.Random(seed)
+    everyone = synth_people(people + n_holdout + ICL_EXAMPLES, facts_per_person, rng)
+    forget = everyone[:n_forget]
+    retain = everyone[n_forget:people]
+    held = everyone[people : people + n_holdout]
+    icl_people = everyone[people + n_holdout :]
+    meta = {
+        "format": "relapse-benchmark",
+        "generator": "relapse.data.synth",
+        "generator_version": GENERATOR_VERSION,
+        "relapse_version": __version__,
+        "seed": seed,
+        "people": people,
+        "facts_per_person": facts_per_person,
+        "forget_frac": forget_frac,
+        "counts": {
+            "forget_people": len(forget),
+            "retain_people": len(retain),
+            "holdout_people": len(held),
+            "forget_qa": len(forget) * facts_per_person,
+            "retain_qa": len(retain) * facts_per_person,
+            "icl": ICL_EXAMPLES,
+            "general": general,
+        },
+    }
+    benchmark = Benchmark(
+        forget=[p.biography() for p in forget],
+        retain=[p.biography() for p in retain],
+        holdout=[p.biography() for p in held],
+        forget_qa=[qa for p in forget for qa in p.qa_pairs()],
+        retain_qa=[qa for p in retain for qa in p.qa_pairs()],
+        icl=[p.qa_pairs()[0] for p in icl_people],
+        general=_general_texts(rng, general),
+        holdout_qa=[qa for p in held for qa in p.qa_pairs()],
+        meta=meta,
+    )
+    benchmark.validate()
+    return benchmark

@@ -1,0 +1,146 @@
+"""Loading and saving Hugging Face causal LMs, safely.
+
+Only safetensors weights are read (never pickled ``.bin`` files, which can run code), and
+``trust_remote_code`` stays off unless the caller asks for it. Local folders and hub ids both work; hub
+access needs network, which the tests never use.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from relapse.errors import ConfigError, ModelError
+from relapse.runtime import atomic_write_json, replace_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32"``/``"bfloat16"``/``"float16"`` to a torch dtype, with a clear error otherwise."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ModelError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def load_model(
+    name_or_path: str | Path,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local folder or a hub id.
+
+    Args:
+        name_or_path: a folder written by ``save_pretrained`` (or :func:`save_model`), or a hub id.
+        dtype: weight dtype, one of ``float32``, ``bfloat16``, ``float16``.
+        device: a torch device string; ``"cpu"`` by default.
+        trust_remote_code: allow the model repository's own Python code to run. Off by default.
+        revision: hub revision (branch, tag or commit) for hub ids.
+
+    Raises:
+        ModelError: the folder is missing, has no safetensors weights, or the model cannot be loaded.
+    """
+    name = str(name_or_path)
+    torch_dtype = parse_dtype(dtype)
+    if _looks_like_path(name):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise ModelError(f"model folder {folder} does not exist")
+        if not (folder / "config.json").exists():
+            raise ModelError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+        if not any(folder.glob("*.safetensors")):
+            pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+                p.name for p in folder.glob("*.pt")
+            )
+            hint = f" (found {', '.join(pickled)}: relapse never unpickles weight files)" if pickled else ""
+            raise ModelError(f"{folder} has no .safetensors weights{hint}")
+        source: str = str(folder)
+    else:
+        source = name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=torch_dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {name!r}: {first_line}") from None
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: str | Path,
+    record: dict[str, Any] | None = None,
+    record_name: str = "train.json",
+) -> Path:
+    """Save weights (safetensors), config and tokenizer to ``out``, replacing it atomically.
+
+    Everything is written to a temporary folder beside ``out`` first, so a crash never leaves a half
+    written model at ``out``. ``record`` (provenance: config, seed, versions) is saved as ``record_name``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.saving-"))
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if record is not None:
+        atomic_write_json(staging / record_name, record)
+    replace_dir(staging, out)
+    return out
+
+
+def read_record(folder: str | Path, record_name: str = "train.json") -> dict[str, Any] | None:
+    """The provenance record saved with a model, or None when there is none (or it is unreadable)."""
+    path = Path(folder) / record_name
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def reuse_or_claim(out: Path, key: str, record_name: str, overwrite: bool) -> dict[str, Any] | None:
+    """Decide what to do with an output folder before a run that would write a model there.
+
+    Returns the saved record when ``out`` already holds the result of this exact run (same ``key``), so
+    the caller can skip the work. Raises :class:`ConfigError` when ``out`` holds anything else, unless
+    ``overwrite``: relapse never replaces a user's results without being told to.
+    """
+    out = Path(out)
+    if not out.exists():
+        return None
+    existing = read_record(out, record_name)
+    if existing is not None and existing.get("cache_key") == key:
+        return existing
+    if out.is_dir() and not any(out.iterdir()):
+        return None
+    if not overwrite:
+        raise ConfigError(
+            f"{out} already holds a different model or other files; pass --overwrite to replace it"
+        )
+    return None

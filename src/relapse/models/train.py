@@ -1,0 +1,221 @@
+"""Training the target and retrained models: from scratch (tiny Llama) or fine-tuning a given model.
+
+``train_model`` trains on the texts and QA pairs of the chosen splits (``forget+retain`` gives the target
+model, ``retain`` the retrained reference), stops once QA recall on the trained splits reaches a
+threshold, checkpoints as it goes and resumes after a kill. Models are cached by a hash of the data
+files, the settings, the seed and the starting model: asking again for the same model returns at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from relapse.data.batching import EpochSampler, collate, tokenize_for_lm
+from relapse.data.benchmark import benchmark_files, load_benchmark
+from relapse.data.prompts import qa_text
+from relapse.errors import ConfigError
+from relapse.methods.loop import LoopConfig, run_loop
+from relapse.metrics.qa import qa_recall
+from relapse.models.io import load_model, read_record, reuse_or_claim, save_model
+from relapse.models.tiny import TinyConfig, build_tiny
+from relapse.runtime import (
+    cache_dir,
+    hash_files,
+    package_versions,
+    seed_everything,
+    set_threads,
+    stable_hash,
+)
+
+log = logging.getLogger(__name__)
+
+TRAIN_SPLITS = ("forget+retain", "retain")
+RECORD_NAME = "train.json"
+#: Bump when a change to training would give different weights for the same settings.
+TRAIN_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """What to train on and how; every field takes part in the cache key except the cadence fields."""
+
+    on: str = "forget+retain"
+    max_steps: int = 3000
+    epochs: float | None = None
+    lr: float = 1e-3
+    batch_size: int = 32
+    warmup_steps: int = 50
+    schedule: str = "constant"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    stop_recall: float | None = 0.95
+    eval_every: int = 100
+    checkpoint_every: int = 200
+    seed: int = 0
+    dtype: str = "float32"
+    max_length: int = 256
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+
+    def __post_init__(self) -> None:
+        if self.on not in TRAIN_SPLITS:
+            raise ConfigError(f"--on must be one of {', '.join(TRAIN_SPLITS)}, got {self.on!r}")
+        if self.stop_recall is not None and not 0.0 < self.stop_recall <= 1.0:
+            raise ConfigError(f"--stop-recall must be in (0, 1], got {self.stop_recall}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
+
+    def key_fields(self, from_scratch: bool) -> dict[str, Any]:
+        """The settings that determine the trained weights (checkpoint cadence does not)."""
+        fields = asdict(self)
+        fields.pop("checkpoint_every")
+        if not from_scratch:
+            fields.pop("tiny")
+        return fields
+
+
+@dataclass
+class TrainResult:
+    """Where the model is, its provenance record, and whether it came from the cache."""
+
+    path: Path
+    record: dict[str, Any]
+    cached: bool
+
+
+def model_identity(name_or_path: str) -> str:
+    """A stable identity for a starting model: its relapse cache key, its weights' hash, or its hub id."""
+    record = read_record(name_or_path, RECORD_NAME)
+    if record and "cache_key" in record:
+        return f"relapse:{record['cache_key']}"
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return "files:" + hash_files(sorted(folder.glob("*.safetensors")))
+    return f"hub:{name_or_path}"
+
+
+def train_cache_key(data_dir: Path, config: TrainConfig, base: str | None) -> str:
+    """The hash that names a trained model: data files, settings, seed and starting model."""
+    return stable_hash(
+        {
+            "train_version": TRAIN_VERSION,
+            "data": hash_files(benchmark_files(data_dir)),
+            "config": config.key_fields(from_scratch=base is None),
+            "base": model_identity(base) if base is not None else "scratch",
+        }
+    )
+
+
+def train_model(
+    data_dir: str | Path,
+    out: str | Path | None,
+    config: TrainConfig | None = None,
+    base: str | None = None,
+    threads: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or fetch from cache) a model on a benchmark and save it to ``out``.
+
+    Args:
+        data_dir: a benchmark folder.
+        out: where to save the model; ``None`` uses the cache (``$RELAPSE_CACHE/models/<key>``).
+        config: training settings; defaults train a tiny model on forget + retain.
+        base: a model folder or hub id to fine-tune; ``None`` builds a tiny Llama from scratch.
+        threads: torch threads (``None``: ``$RELAPSE_THREADS`` or 1).
+        overwrite: replace a different model already at ``out``.
+        progress: show a progress bar.
+    """
+    config = config or TrainConfig()
+    data_dir = Path(data_dir)
+    benchmark = load_benchmark(data_dir)
+    key = train_cache_key(data_dir, config, base)
+    out_path = Path(out) if out is not None else cache_dir() / "models" / key
+    existing = reuse_or_claim(out_path, key, RECORD_NAME, overwrite)
+    if existing is not None:
+        return TrainResult(out_path, existing, cached=True)
+    threads_used = set_threads(threads)
+    seed_everything(config.seed)
+    if base is None:
+        model, tokenizer = build_tiny(config.tiny, benchmark, seed=config.seed)
+        model.to(torch.float32 if config.dtype == "float32" else getattr(torch, config.dtype))
+    else:
+        model, tokenizer = load_model(base, dtype=config.dtype)
+
+    split_names = config.on.split("+")
+    texts = benchmark.texts(config.on) + [qa_text(pair) for pair in benchmark.qa(config.on)]
+    examples = tokenize_for_lm(tokenizer, texts, config.max_length)
+    sampler = EpochSampler(len(examples), config.batch_size, config.seed)
+    max_steps = config.max_steps
+    if config.epochs is not None:
+        max_steps = max(1, round(config.epochs * sampler.steps_per_epoch))
+    loop_config = LoopConfig(
+        lr=config.lr,
+        max_steps=max_steps,
+        batch_size=config.batch_size,
+        warmup_steps=config.warmup_steps,
+        schedule=config.schedule,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        seed=config.seed,
+    )
+    pad_id = tokenizer.pad_token_id
+
+    def batch_for_step(step: int, micro: int) -> dict[str, torch.Tensor]:
+        return collate([examples[i] for i in sampler.indices(step)], pad_id)
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        return model(**batch).loss, {}
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return {f"recall_{s}": qa_recall(model, tokenizer, benchmark.qa(s))["value"] for s in split_names}
+
+    def should_stop(metrics: dict[str, float]) -> bool:
+        return config.stop_recall is not None and all(v >= config.stop_recall for v in metrics.values())
+
+    work_dir = out_path.with_name(f".{out_path.name}.work")
+    result = run_loop(
+        model,
+        loop_config,
+        batch_for_step,
+        loss_fn,
+        run_key=key,
+        work_dir=work_dir,
+        evaluate=evaluate,
+        should_stop=should_stop,
+        progress=progress,
+        description=f"train {config.on}",
+    )
+    final = {
+        f"recall_{s}": qa_recall(model, tokenizer, benchmark.qa(s))["value"] for s in ("forget", "retain")
+    }
+    if config.stop_recall is not None and not result.stopped_early:
+        log.warning("QA recall did not reach %.2f within %d steps: %s", config.stop_recall, max_steps, final)
+    record = {
+        "kind": "relapse-train",
+        "cache_key": key,
+        "config": asdict(config),
+        "base": base,
+        "base_identity": model_identity(base) if base is not None else "scratch",
+        "data": {
+            "path": str(data_dir.resolve()),
+            "hash": hash_files(benchmark_files(data_dir)),
+            "meta": benchmark.meta,
+        },
+        "seed": config.seed,
+        "threads": threads_used,
+        "versions": package_versions(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final": final,
+        **result.to_dict(),
+    }
+    save_model(model, tokenizer, out_path, record, RECORD_NAME)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return TrainResult(out_path, record, cached=False)

@@ -1,0 +1,1 @@
+"""Report: coming in later issues (see the tracker)."""

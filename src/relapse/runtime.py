@@ -1,0 +1,134 @@
+"""Run-time plumbing shared by every command: seeds, threads, versions, hashing, atomic writes, the cache.
+
+These are small pure helpers; nothing here keeps global state beyond what torch itself keeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from relapse.errors import ConfigError
+
+#: Packages whose versions are recorded in every result file.
+RECORDED_PACKAGES = ("relapse", "torch", "transformers", "tokenizers", "safetensors", "numpy")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so that a run is repeatable on the same machine and versions."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def default_threads() -> int:
+    """Threads to use when the user did not say: ``$RELAPSE_THREADS``, else 1 on machines with at most 2
+    cores, else torch's own default (one per physical core).
+
+    On the 2-core development machines a single idle process trained a tiny model about 1.9x faster with
+    2 threads than with 1, but as soon as a second busy process shared the cores, 2 threads ran several
+    times slower than 1 (oversubscription). One thread is the choice that never collapses there;
+    ``benchmarks/threads.py`` measures both on the machine at hand.
+    """
+    env = os.environ.get("RELAPSE_THREADS")
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise ConfigError(f"RELAPSE_THREADS must be a whole number, got {env!r}") from None
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else torch.get_num_threads()
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op thread count (``None``: :func:`default_threads`) and return the count in force."""
+    if threads is None:
+        threads = default_threads()
+    if threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def package_versions(names: Iterable[str] = RECORDED_PACKAGES) -> dict[str, str]:
+    """Versions of the packages that determine a result, plus Python's, for provenance records."""
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def stable_hash(obj: Any) -> str:
+    """A short SHA-256 of a JSON-serialisable object, independent of dict order."""
+    payload = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def hash_files(paths: Iterable[Path]) -> str:
+    """SHA-256 over the names and bytes of files, in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory ``src`` into place at ``dst``, replacing what is there.
+
+    Directory renames are atomic only onto a missing target, so an existing ``dst`` is first moved aside
+    and removed after the rename; a crash in between leaves either the old or the new directory intact.
+    """
+    src, dst = Path(src), Path(dst)
+    aside = None
+    if dst.exists():
+        aside = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, aside)
+    os.replace(src, dst)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def cache_dir() -> Path:
+    """Where trained models and generated data are cached: ``$RELAPSE_CACHE`` or ``~/.cache/relapse``."""
+    env = os.environ.get("RELAPSE_CACHE")
+    root = Path(env) if env else Path.home() / ".cache" / "relapse"
+    return root.expanduser()

@@ -1,0 +1,43 @@
+"""Shared fixtures: a small benchmark and a tiny model trained on it once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from relapse.data import synth_benchmark
+from relapse.models.train import TrainConfig, train_model
+
+#: A benchmark small enough to memorise in well under a minute on one core.
+SMALL = {"people": 20, "facts_per_person": 3, "forget_frac": 0.2, "seed": 7}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's cache: every test sees a private RELAPSE_CACHE and one thread."""
+    monkeypatch.setenv("RELAPSE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("RELAPSE_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def small_benchmark_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bench") / "small"
+    synth_benchmark(**SMALL).save(path)
+    return path
+
+
+def small_train_config(**overrides) -> TrainConfig:
+    settings = {"eval_every": 25, "max_steps": 400, "checkpoint_every": 50, "seed": 1}
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def trained_small(small_benchmark_dir, tmp_path_factory):
+    """The tiny target model trained on the small benchmark (forget + retain), once per session."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("models") / "target"
+    return train_model(small_benchmark_dir, out, small_train_config(), threads=1, progress=False)
