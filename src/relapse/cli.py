@@ -220,6 +220,174 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _add_unlearn(subparsers) -> None:
+    from relapse.methods.registry import FORGET_LOSSES, REGULARIZERS, VARIANTS, method_names
+    from relapse.methods.unlearn import (
+        DATA_CHOICES,
+        REFERENCE_CHOICES,
+        TOKEN_CHOICES,
+        WEIGHT_CHOICES,
+        UnlearnConfig,
+    )
+
+    d = UnlearnConfig()
+    losses_help = "; ".join(f"{k}: {v}" for k, v in {**FORGET_LOSSES, **REGULARIZERS}.items())
+    p = subparsers.add_parser(
+        "unlearn",
+        help="unlearn the forget set from a model (GA, NPO, +GDR/KLR, optionally SURE's mask)",
+        description="Unlearn a benchmark's forget set from a model and save the result with unlearn.json "
+        f"(settings, seed, versions, loss curve, recall history, weight change, SURE mask). {losses_help}.",
+    )
+    p.add_argument("--model", required=True, help="model folder or hub id to unlearn from")
+    p.add_argument("--data", required=True, type=Path, help="benchmark folder")
+    p.add_argument("--out", required=True, type=Path, help="folder to save the unlearned model to")
+    p.add_argument("--method", default=d.method, choices=method_names(), help=f"(default {d.method})")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"regulariser weight (default {d.alpha})")
+    p.add_argument("--beta", type=float, default=d.beta, help=f"NPO temperature (default {d.beta})")
+    p.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default=d.variant,
+        help="'muse-compatible' reproduces public reference code's formulas (NPO on raw logits, KL of raw "
+        "logits); they are not the published losses (default standard)",
+    )
+    length = p.add_mutually_exclusive_group()
+    length.add_argument(
+        "--steps", type=int, default=d.max_steps, help=f"maximum steps (default {d.max_steps})"
+    )
+    length.add_argument("--epochs", type=float, default=None, help="epochs over the forget set instead")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default {d.batch_size})")
+    p.add_argument(
+        "--grad-accum", type=int, default=d.grad_accum, help="gradient accumulation steps (default 1)"
+    )
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="(default 0)")
+    p.add_argument("--schedule", choices=("constant", "linear", "cosine"), default=d.schedule)
+    p.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)"
+    )
+    p.add_argument(
+        "--max-grad-norm", type=float, default=d.max_grad_norm, help="clip norm (default 1; 0 = off)"
+    )
+    p.add_argument(
+        "--unlearn-data",
+        dest="unlearn_data",
+        choices=DATA_CHOICES,
+        default=d.data,
+        help=f"which forget/retain examples to train on (default {d.data})",
+    )
+    p.add_argument(
+        "--tokens",
+        choices=TOKEN_CHOICES,
+        default=d.tokens,
+        help="tokens that count in the losses: all, or answer tokens only (needs --unlearn-data qa)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_CHOICES,
+        default=d.weights,
+        help="weight dtype while unlearning; bfloat16 = no float32 master copy (default float32)",
+    )
+    p.add_argument("--autocast-bf16", action="store_true", help="bfloat16 autocast over float32 weights")
+    p.add_argument(
+        "--reference",
+        choices=REFERENCE_CHOICES,
+        default=d.reference,
+        help="NPO/KLR reference: precompute once, keep a frozen model copy, or auto (default)",
+    )
+    p.add_argument(
+        "--sure-top",
+        type=float,
+        default=None,
+        help="SURE: train only this share of the most salient weights (e.g. 0.1)",
+    )
+    p.add_argument(
+        "--sure-granularity",
+        choices=("module", "neuron"),
+        default=d.sure_granularity,
+        help="SURE saliency per weight tensor or per output row (default module)",
+    )
+    p.add_argument("--sure-per-step", action="store_true", help="recompute SURE's mask at every step")
+    p.add_argument(
+        "--lora-r", type=int, default=None, help="train LoRA adapters of this rank (merged on save)"
+    )
+    p.add_argument(
+        "--stop-forget-recall",
+        type=float,
+        default=None,
+        help="stop once forget-set QA recall is at or below this",
+    )
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"(default {d.eval_every})")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help=f"(default {d.checkpoint_every})"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different model already in --out")
+    _add_common_training(p)
+    p.set_defaults(func=_cmd_unlearn)
+
+
+def _cmd_unlearn(args) -> int:
+    from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+
+    config = UnlearnConfig(
+        method=args.method,
+        alpha=args.alpha,
+        beta=args.beta,
+        variant=args.variant,
+        lr=args.lr,
+        max_steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or None,
+        data=args.unlearn_data,
+        tokens=args.tokens,
+        weights=args.weights,
+        autocast_bf16=args.autocast_bf16,
+        reference=args.reference,
+        sure_top=args.sure_top,
+        sure_granularity=args.sure_granularity,
+        sure_per_step=args.sure_per_step,
+        lora_r=args.lora_r,
+        stop_forget_recall=args.stop_forget_recall,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    result = unlearn_model(
+        args.model,
+        args.data,
+        args.out,
+        config,
+        threads=args.threads,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    record = result.record
+    how = (
+        "cached, unlearned earlier"
+        if result.cached
+        else f"{record['steps']} steps in {record['wall_time_s']:.0f} s"
+    )
+    final = record["final"]
+    print(
+        f"{result.path}: {record['method']}, {how}; QA recall forget {final['recall_forget']:.3f}, "
+        f"retain {final['recall_retain']:.3f}; mean |dW| {record['weight_change']['mean_abs']:.3g}"
+    )
+    if record.get("sure"):
+        sure = record["sure"]
+        print(
+            f"SURE ({sure['granularity']}, top {sure['top']}): "
+            f"{sure['trainable_share']:.1%} of weights trainable; "
+            f"frozen weights bit-identical: {sure['frozen_elements_identical']}"
+        )
+    return 0
+
+
 def _add_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
@@ -264,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     _add_synth(data_commands)
     _add_train(commands)
+    _add_unlearn(commands)
     _add_demo(commands)
     return parser
 

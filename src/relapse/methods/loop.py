@@ -108,6 +108,7 @@ def run_loop(
     should_stop: StopFn | None = None,
     progress: bool = True,
     description: str = "training",
+    before_step: Callable[[int], None] | None = None,
     after_backward: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
 ) -> LoopResult:
@@ -123,6 +124,7 @@ def run_loop(
         evaluate: called every ``eval_every`` steps and at the end; its dict goes into the history.
         should_stop: given the latest evaluation, whether to stop early.
         progress: show a progress bar (on a terminal).
+        before_step: called with the step index before its micro-batches (e.g. to recompute a mask).
         after_backward: called once the step's gradients are complete, before clipping (e.g. to zero
             the gradients of frozen weights).
         after_step: called right after each optimiser step (e.g. to restore frozen weights).
@@ -158,6 +160,8 @@ def run_loop(
         while step < config.max_steps and not stopped_early:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
+            if before_step is not None:
+                before_step(step)
             optimizer.zero_grad(set_to_none=True)
             logs_sum: dict[str, float] = {}
             total = 0.0
