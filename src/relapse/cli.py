@@ -179,6 +179,7 @@ def _add_train(subparsers) -> None:
 
 
 def _cmd_train(args) -> int:
+    from relapse.methods.parallel import is_main_process
     from relapse.models.tiny import TinyConfig
     from relapse.models.train import TrainConfig, train_model
 
@@ -206,6 +207,8 @@ def _cmd_train(args) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
+    if not is_main_process():  # under a data-parallel launcher only the main process reports
+        return 0
     record = result.record
     how = (
         "cached, trained earlier"
@@ -328,6 +331,7 @@ def _add_unlearn(subparsers) -> None:
 
 
 def _cmd_unlearn(args) -> int:
+    from relapse.methods.parallel import is_main_process
     from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 
     config = UnlearnConfig(
@@ -367,6 +371,8 @@ def _cmd_unlearn(args) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
+    if not is_main_process():  # under a data-parallel launcher only the main process reports
+        return 0
     record = result.record
     how = (
         "cached, unlearned earlier"

@@ -27,6 +27,7 @@ from safetensors.torch import save_model as save_safetensors_model
 from tqdm.auto import tqdm
 
 from relapse.errors import ConfigError
+from relapse.methods.parallel import data_parallel
 from relapse.runtime import atomic_write_json, replace_dir
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -133,6 +134,8 @@ def run_loop(
     if not params:
         raise ConfigError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    parallel = data_parallel()
+    is_main = parallel is None or parallel.is_main
     history: list[dict[str, Any]] = []
     loss_curve: list[float] = []
     start_step, elapsed_before = 0, 0.0
@@ -151,7 +154,7 @@ def run_loop(
         total=config.max_steps,
         initial=start_step,
         desc=description,
-        disable=None if progress else True,  # None: shown on a terminal only
+        disable=None if progress and is_main else True,  # None: shown on a terminal only
         dynamic_ncols=True,
         leave=False,
     )
@@ -166,11 +169,17 @@ def run_loop(
             logs_sum: dict[str, float] = {}
             total = 0.0
             for micro in range(config.grad_accum):
-                loss, logs = loss_fn(model, batch_for_step(step, micro))
+                batch = batch_for_step(step, micro)
+                if parallel is not None:
+                    batch = parallel.shard(batch)
+                loss, logs = loss_fn(model, batch)
                 (loss / config.grad_accum).backward()
                 total += float(loss.detach()) / config.grad_accum
                 for key, value in logs.items():
                     logs_sum[key] = logs_sum.get(key, 0.0) + value / config.grad_accum
+            if parallel is not None:
+                parallel.average_gradients(params)
+                total = parallel.mean(total)
             if after_backward is not None:
                 after_backward()
             if config.max_grad_norm is not None:
@@ -189,21 +198,19 @@ def run_loop(
                 if should_stop is not None and should_stop(metrics):
                     entry["stopped"] = stopped_early = True
                 history.append(entry)
-                bar.write(
-                    f"{description}: step {step} "
-                    + " ".join(f"{k}={_fmt(v)}" for k, v in entry.items() if k != "step")
-                )
+                if is_main:
+                    bar.write(
+                        f"{description}: step {step} "
+                        + " ".join(f"{k}={_fmt(v)}" for k, v in entry.items() if k != "step")
+                    )
             if checkpoint is not None and step % config.checkpoint_every == 0 and step < config.max_steps:
-                _save_checkpoint(
-                    checkpoint,
-                    model,
-                    optimizer,
-                    run_key,
-                    step,
-                    history,
-                    loss_curve,
-                    elapsed_before + time.perf_counter() - started,
-                )
+                if is_main:
+                    elapsed = elapsed_before + time.perf_counter() - started
+                    _save_checkpoint(
+                        checkpoint, model, optimizer, run_key, step, history, loss_curve, elapsed
+                    )
+                if parallel is not None:
+                    parallel.barrier()
     finally:
         bar.close()
     model.eval()

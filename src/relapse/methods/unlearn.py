@@ -24,6 +24,7 @@ from relapse.data.prompts import qa_prompt, qa_text
 from relapse.errors import ConfigError
 from relapse.methods import losses
 from relapse.methods.loop import SCHEDULES, LoopConfig, run_loop
+from relapse.methods.parallel import barrier, is_main_process, world_size
 from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
 from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
 from relapse.metrics.qa import qa_recall
@@ -366,6 +367,7 @@ def unlearn_model(
         "data": {"path": str(data_dir.resolve()), "hash": hash_files(benchmark_files(data_dir))},
         "seed": config.seed,
         "threads": threads_used,
+        "world_size": world_size(),
         "versions": package_versions(),
         "reference": reference.mode,
         "examples": {"forget": len(forget), "retain": len(retain)},
@@ -374,8 +376,10 @@ def unlearn_model(
         "sure": sure,
         **result.to_dict(),
     }
-    save_model(net, tokenizer, out_path, record, RECORD_NAME)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if is_main_process():
+        save_model(net, tokenizer, out_path, record, RECORD_NAME)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    barrier()
     return UnlearnResult(out_path, record, cached=False)
 
 

@@ -21,6 +21,7 @@ from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
 from relapse.methods.loop import LoopConfig, run_loop
+from relapse.methods.parallel import barrier, is_main_process, world_size
 from relapse.metrics.qa import qa_recall
 from relapse.models.io import load_model, read_record, reuse_or_claim, save_model
 from relapse.models.tiny import TinyConfig, build_tiny
@@ -211,11 +212,14 @@ def train_model(
         },
         "seed": config.seed,
         "threads": threads_used,
+        "world_size": world_size(),
         "versions": package_versions(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "final": final,
         **result.to_dict(),
     }
-    save_model(model, tokenizer, out_path, record, RECORD_NAME)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if is_main_process():
+        save_model(model, tokenizer, out_path, record, RECORD_NAME)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    barrier()
     return TrainResult(out_path, record, cached=False)
