@@ -268,3 +268,12 @@ def test_unlearn_command(trained_small, small_benchmark_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "u" / "unlearn.json").read_text())["steps"] == 2
     assert main([*args[:-1], "--tokens", "answer", "--quiet"]) == 2
     assert "--tokens answer" in capsys.readouterr().err
+
+
+def test_stop_on_forget_nll(trained_small, small_benchmark_dir, tmp_path):
+    config = _config(method="ga", lr=3e-5, stop_forget_nll=2.0, eval_every=2)
+    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "nll", config, progress=False)
+    history = result.record["history"]
+    assert result.record["stopped_early"] and history[-1]["nll_forget"] >= 2.0
+    assert all(entry["nll_forget"] < 2.0 for entry in history[:-1])
+    assert result.record["steps"] < 60

@@ -320,6 +320,12 @@ def _add_unlearn(subparsers) -> None:
         default=None,
         help="stop once forget-set QA recall is at or below this",
     )
+    p.add_argument(
+        "--stop-forget-nll",
+        type=float,
+        default=None,
+        help="stop once the forget examples' mean token NLL (nats) is at or above this",
+    )
     p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"(default {d.eval_every})")
     p.add_argument(
         "--checkpoint-every", type=int, default=d.checkpoint_every, help=f"(default {d.checkpoint_every})"
@@ -358,6 +364,7 @@ def _cmd_unlearn(args) -> int:
         sure_per_step=args.sure_per_step,
         lora_r=args.lora_r,
         stop_forget_recall=args.stop_forget_recall,
+        stop_forget_nll=args.stop_forget_nll,
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,

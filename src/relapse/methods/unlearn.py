@@ -68,6 +68,7 @@ class UnlearnConfig:
     sure_per_step: bool = False
     lora_r: int | None = None
     stop_forget_recall: float | None = None
+    stop_forget_nll: float | None = None
     eval_every: int = 25
     checkpoint_every: int = 50
     max_length: int = 256
@@ -315,10 +316,15 @@ def unlearn_model(
         return {
             "recall_forget": qa_recall(model, tokenizer, benchmark.forget_qa)["value"],
             "recall_retain": qa_recall(model, tokenizer, benchmark.retain_qa)["value"],
+            "nll_forget": forget_nll(model, forget, pad_id),
         }
 
     def should_stop(metrics: dict[str, float]) -> bool:
-        return config.stop_forget_recall is not None and metrics["recall_forget"] <= config.stop_forget_recall
+        recall_done = (
+            config.stop_forget_recall is not None and metrics["recall_forget"] <= config.stop_forget_recall
+        )
+        nll_done = config.stop_forget_nll is not None and metrics["nll_forget"] >= config.stop_forget_nll
+        return recall_done or nll_done
 
     loop_config = LoopConfig(
         lr=config.lr,
@@ -342,7 +348,7 @@ def unlearn_model(
         run_key=key,
         work_dir=work_dir,
         evaluate=evaluate,
-        should_stop=should_stop if config.stop_forget_recall is not None else None,
+        should_stop=should_stop,
         progress=progress,
         description=f"unlearn {spec.name}",
         before_step=refresh_mask if mask is not None and config.sure_per_step else None,
@@ -395,6 +401,17 @@ def _wrap_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
 def _chunks_indexed(examples: list[Example], pad_id: int, size: int = 32):
     for start in range(0, len(examples), size):
         yield _indexed_batch(examples, list(range(start, min(start + size, len(examples)))), pad_id)
+
+
+@torch.no_grad()
+def forget_nll(model: torch.nn.Module, examples: list[Example], pad_id: int) -> float:
+    """Mean cross-entropy per counted token over all forget examples (higher = more forgotten)."""
+    total, count = 0.0, 0
+    for batch in _chunks(examples, pad_id):
+        picked, mask = losses.token_logprobs(model(**_inputs(batch)).logits, batch["labels"])
+        total -= float(picked.sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
 
 
 def weight_change(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) -> dict[str, Any]:
