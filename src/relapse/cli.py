@@ -401,6 +401,97 @@ def _cmd_unlearn(args) -> int:
     return 0
 
 
+def _add_attack_targets(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-embeddings", action="store_true", help="also attack the input embeddings")
+    p.add_argument("--include-lm-head", action="store_true", help="also attack the LM head")
+
+
+def _add_attack(subparsers) -> None:
+    from relapse.attacks.registry import EXAMPLES
+
+    p = subparsers.add_parser(
+        "attack",
+        help="write an attacked copy of a model (quantized, noised, pruned or relearned)",
+        description="Apply a registered attack to a model and save the result with attack.json. "
+        f"Attack names: {', '.join(EXAMPLES)} (see docs/attacks.md). By default only the decoder's linear "
+        "layers are changed; embeddings and the LM head stay in full precision.",
+    )
+    p.add_argument("--model", required=True, help="model folder or hub id")
+    p.add_argument("--attack", required=True, help="attack name, e.g. rtn-w4-g128")
+    p.add_argument("--out", required=True, type=Path, help="folder to save the attacked model to")
+    p.add_argument("--data", type=Path, default=None, help="benchmark folder (needed by relearn-* attacks)")
+    _add_attack_targets(p)
+    p.add_argument("--seed", type=int, default=0, help="seed for noise and relearning (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different model already in --out")
+    _add_common_training(p)
+    p.set_defaults(func=_cmd_attack)
+
+
+def _cmd_attack(args) -> int:
+    from relapse.attacks.materialize import materialize
+
+    path, record, cached = materialize(
+        args.model,
+        args.attack,
+        args.out,
+        data_dir=args.data,
+        include_embeddings=args.include_embeddings,
+        include_lm_head=args.include_lm_head,
+        seed=args.seed,
+        threads=args.threads,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    changed = record["info"].get("quantized") or record["info"].get("rms") or record["info"].get("zeroed")
+    what = f"{len(changed)} weight tensors changed" if changed else record["attack_kind"]
+    kept = record["info"].get("kept")
+    kept_text = f"; kept in full precision: {', '.join(kept)}" if kept else ""
+    print(f"{path}: {record['attack']} ({'cached' if cached else what}){kept_text}")
+    return 0
+
+
+def _add_diff(subparsers) -> None:
+    p = subparsers.add_parser(
+        "diff",
+        help="weight diagnostics of an unlearning update under a quantizer (no evaluation)",
+        description="Compare model B (e.g. unlearned) with model A (e.g. the target) under an RTN "
+        "quantizer: mean |dW|, |dW| relative to the quantization step, the share of integer codes that "
+        "differ between Q(A) and Q(B), and the projection <Q(B)-Q(A), B-A>/||B-A||^2 (1: rounding keeps "
+        "the update; 0: it erases it), per weight tensor and in total.",
+    )
+    p.add_argument("--a", required=True, help="the reference model, e.g. the target")
+    p.add_argument("--b", required=True, help="the changed model, e.g. the unlearned one")
+    p.add_argument("--attack", default="rtn-w4-g128", help="RTN quantizer name (default rtn-w4-g128)")
+    _add_attack_targets(p)
+    p.add_argument("--json", type=Path, default=None, help="also write the full report here")
+    p.add_argument("--per-tensor", action="store_true", help="print every tensor, not only the total")
+    p.set_defaults(func=_cmd_diff)
+
+
+def _cmd_diff(args) -> int:
+    from relapse.attacks.materialize import diff_models
+    from relapse.runtime import atomic_write_json
+
+    report = diff_models(args.a, args.b, args.attack, args.include_embeddings, args.include_lm_head)
+    rows = list(report["per_tensor"].items()) if args.per_tensor else []
+    rows.append(("total", report["total"]))
+    width = max(len(name) for name, _ in rows)
+    print(
+        f"{'tensor':<{width}} {'mean|dW|':>10} {'|dW|/step':>10} {'<step/2':>8} "
+        f"{'codes chg':>10} {'projection':>10}"
+    )
+    for name, row in rows:
+        projection = "n/a" if row["projection"] is None else f"{row['projection']:.3f}"
+        print(
+            f"{name:<{width}} {row['mean_abs_dw']:>10.3g} {row['mean_dw_over_step']:>10.3g} "
+            f"{row['share_below_half_step']:>8.1%} {row['codes_changed']:>10.2%} {projection:>10}"
+        )
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _add_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
@@ -446,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(data_commands)
     _add_train(commands)
     _add_unlearn(commands)
+    _add_attack(commands)
+    _add_diff(commands)
     _add_demo(commands)
     return parser
 

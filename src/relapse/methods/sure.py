@@ -25,18 +25,14 @@ from typing import Any
 import torch
 
 from relapse.errors import ConfigError
+from relapse.models.parts import decoder_linear_weights
 
 GRANULARITIES = ("module", "neuron")
 
 
 def candidate_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Weights SURE may select: 2-D weights of ``nn.Linear`` modules other than the output embedding."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    found = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not output:
-            found[f"{module_name}.weight"] = module.weight
-    return found
+    """Weights SURE may select: the decoder's ``nn.Linear`` weights (never embeddings or the LM head)."""
+    return decoder_linear_weights(model)
 
 
 def gradient_saliency(

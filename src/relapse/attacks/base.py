@@ -1,0 +1,87 @@
+"""What every attack is: a named transformation of a loaded model's weights, applied temporarily.
+
+An attack declares the parameters it touches and changes them in place; :func:`applied` snapshots those
+parameters first and restores them bit for bit afterwards, so that one loaded model serves a whole sweep
+of attacks. :func:`relapse.attacks.materialize` writes an attacked copy to disk instead.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from relapse.data.benchmark import Benchmark
+from relapse.errors import ConfigError
+from relapse.models.parts import decoder_linear_weights, embedding_weights, lm_head_weights
+
+
+@dataclass
+class AttackContext:
+    """What an attack may need besides the model: data (relearning, calibration), options, a seed."""
+
+    tokenizer: Any = None
+    benchmark: Benchmark | None = None
+    include_embeddings: bool = False
+    include_lm_head: bool = False
+    seed: int = 0
+    progress: bool = False
+    calibration_texts: list[str] = field(default_factory=list)
+
+    def require_benchmark(self, attack: str) -> Benchmark:
+        if self.benchmark is None:
+            raise ConfigError(f"attack {attack} needs benchmark data: pass --data")
+        return self.benchmark
+
+
+def weight_targets(model: torch.nn.Module, context: AttackContext) -> dict[str, torch.nn.Parameter]:
+    """The weights a weight-space attack changes: the decoder's linear layers, plus the embeddings and
+    the LM head when asked (the paper keeps both in full precision, and so does relapse by default)."""
+    targets = dict(decoder_linear_weights(model))
+    if context.include_embeddings:
+        targets.update(embedding_weights(model))
+    if context.include_lm_head:
+        targets.update(lm_head_weights(model))
+    seen: set[int] = set()
+    unique = {}
+    for name, p in targets.items():  # tied embeddings appear once
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique[name] = p
+    return unique
+
+
+class Attack(ABC):
+    """A registered attack. Subclasses set ``name`` and ``kind`` and implement the two methods."""
+
+    name: str
+    kind: str  # "quantization", "noise", "pruning" or "relearning"
+
+    @abstractmethod
+    def touched(self, model: torch.nn.Module, context: AttackContext) -> dict[str, torch.nn.Parameter]:
+        """The parameters :meth:`apply` may change."""
+
+    @abstractmethod
+    def apply(self, model: torch.nn.Module, context: AttackContext) -> dict[str, Any]:
+        """Change the model in place; return what was done (for the record)."""
+
+
+@contextmanager
+def applied(attack: Attack, model: torch.nn.Module, context: AttackContext) -> Iterator[dict[str, Any]]:
+    """Apply ``attack`` for the duration of the block, then restore the exact original weights."""
+    touched = attack.touched(model, context)
+    saved = {name: p.detach().clone() for name, p in touched.items()}
+    was_training = model.training
+    try:
+        info = attack.apply(model, context)
+        model.eval()
+        yield info
+    finally:
+        with torch.no_grad():
+            for name, p in touched.items():
+                p.copy_(saved[name])
+        model.train(was_training)

@@ -1,0 +1,90 @@
+"""Writing an attacked model to disk (``relapse attack``) and diffing two models (``relapse diff``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from relapse.attacks.base import AttackContext, weight_targets
+from relapse.attacks.diagnostics import weight_diagnostics
+from relapse.attacks.registry import get_attack
+from relapse.attacks.rtn import parse_rtn_name
+from relapse.data.benchmark import benchmark_files, load_benchmark
+from relapse.models.io import load_model, reuse_or_claim, save_model
+from relapse.models.train import model_identity
+from relapse.runtime import hash_files, package_versions, seed_everything, set_threads, stable_hash
+
+RECORD_NAME = "attack.json"
+
+
+def materialize(
+    model: str,
+    attack_name: str,
+    out: str | Path,
+    data_dir: str | Path | None = None,
+    include_embeddings: bool = False,
+    include_lm_head: bool = False,
+    seed: int = 0,
+    threads: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Path, dict[str, Any], bool]:
+    """Apply ``attack_name`` to ``model`` and save the attacked model with ``attack.json``.
+
+    Returns ``(path, record, cached)``; an ``out`` already holding this exact result is returned as is.
+    """
+    attack = get_attack(attack_name)
+    key = stable_hash(
+        {
+            "model": model_identity(str(model)),
+            "attack": attack.name,
+            "data": hash_files(benchmark_files(Path(data_dir))) if data_dir else None,
+            "embeddings": include_embeddings,
+            "lm_head": include_lm_head,
+            "seed": seed,
+        }
+    )
+    out = Path(out)
+    existing = reuse_or_claim(out, key, RECORD_NAME, overwrite)
+    if existing is not None:
+        return out, existing, True
+    threads_used = set_threads(threads)
+    seed_everything(seed)
+    net, tokenizer = load_model(str(model))
+    context = AttackContext(
+        tokenizer=tokenizer,
+        benchmark=load_benchmark(data_dir) if data_dir else None,
+        include_embeddings=include_embeddings,
+        include_lm_head=include_lm_head,
+        seed=seed,
+        progress=progress,
+    )
+    info = attack.apply(net, context)
+    record = {
+        "kind": "relapse-attack",
+        "cache_key": key,
+        "attack": attack.name,
+        "attack_kind": attack.kind,
+        "model": str(model),
+        "model_identity": model_identity(str(model)),
+        "seed": seed,
+        "threads": threads_used,
+        "versions": package_versions(),
+        "info": info,
+    }
+    save_model(net, tokenizer, out, record, RECORD_NAME)
+    return out, record, False
+
+
+def diff_models(
+    a: str, b: str, attack_name: str, include_embeddings: bool = False, include_lm_head: bool = False
+) -> dict[str, Any]:
+    """Weight diagnostics of B relative to A under the RTN quantizer ``attack_name``."""
+    scheme = parse_rtn_name(attack_name.removeprefix("noise-like-"))
+    model_a, _ = load_model(a)
+    model_b, _ = load_model(b)
+    context = AttackContext(include_embeddings=include_embeddings, include_lm_head=include_lm_head)
+    names = sorted(weight_targets(model_a, context))
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    report = weight_diagnostics(state_a, state_b, names, scheme)
+    return {"a": a, "b": b, **report}
