@@ -4,6 +4,8 @@
   the given size or one per output channel; asymmetric min-max unless ``-sym``, symmetric absmax).
 - ``gptq-w4-g128``, ``gptq-w4-g128-sym``, ``gptq-w4-g128-act``: GPTQ on the same grids, calibrated on
   the benchmark's general text (``-act``: columns in decreasing Hessian-diagonal order).
+- ``gguf-q8_0``, ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_0``, ``gguf-q5_1``: llama.cpp block formats.
+- ``bnb-nf4``, ``bnb-fp4``, ``bnb-int8``: bitsandbytes formats (needs the bitsandbytes package).
 - ``noise-like-rtn-w4-g128``: Gaussian noise with the per-tensor RMS of that quantizer's error.
 - ``prune-30``: magnitude pruning of 30% of each target tensor.
 - ``relearn-retain-25``, ``relearn-forget-half-10-lr1e-3``: fine-tuning steps on other data.
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 from relapse.attacks.base import Attack
+from relapse.attacks.deploy import DeploymentAttack
 from relapse.attacks.gptq import GPTQAttack
 from relapse.attacks.relearn import RelearnAttack
 from relapse.attacks.rtn import parse_rtn_name
@@ -26,6 +29,10 @@ EXAMPLES = (
     "rtn-w3-g128",
     "rtn-w2-g64",
     "gptq-w4-g128",
+    "gguf-q4_0",
+    "gguf-q8_0",
+    "bnb-nf4",
+    "bnb-fp4",
     "noise-like-rtn-w4-g128",
     "prune-30",
     "relearn-retain-25",
@@ -43,6 +50,9 @@ def get_attack(name: str) -> Attack:
         act_order = text.endswith("-act")
         scheme = parse_rtn_name("rtn-" + text.removeprefix("gptq-").removesuffix("-act"))
         return GPTQAttack(scheme, act_order=act_order)
+    if text.startswith(("gguf-", "bnb-")):
+        family, _, fmt = text.partition("-")
+        return DeploymentAttack(family, fmt)
     if text.startswith("noise-like-"):
         return NoiseAttack(parse_rtn_name(text.removeprefix("noise-like-")))
     if text.startswith("prune-"):
