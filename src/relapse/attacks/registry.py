@@ -4,6 +4,7 @@
   the given size or one per output channel; asymmetric min-max unless ``-sym``, symmetric absmax).
 - ``gptq-w4-g128``, ``gptq-w4-g128-sym``, ``gptq-w4-g128-act``: GPTQ on the same grids, calibrated on
   the benchmark's general text (``-act``: columns in decreasing Hessian-diagonal order).
+- ``awq-w4-g128``: AWQ's activation-aware channel scaling before RTN, calibrated the same way.
 - ``gguf-q8_0``, ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_0``, ``gguf-q5_1``: llama.cpp block formats.
 - ``bnb-nf4``, ``bnb-fp4``, ``bnb-int8``: bitsandbytes formats (needs the bitsandbytes package).
 - ``noise-like-rtn-w4-g128``: Gaussian noise with the per-tensor RMS of that quantizer's error.
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+from relapse.attacks.awq import AWQAttack
 from relapse.attacks.base import Attack
 from relapse.attacks.deploy import DeploymentAttack
 from relapse.attacks.gptq import GPTQAttack
@@ -29,6 +31,7 @@ EXAMPLES = (
     "rtn-w3-g128",
     "rtn-w2-g64",
     "gptq-w4-g128",
+    "awq-w4-g128",
     "gguf-q4_0",
     "gguf-q8_0",
     "bnb-nf4",
@@ -50,6 +53,8 @@ def get_attack(name: str) -> Attack:
         act_order = text.endswith("-act")
         scheme = parse_rtn_name("rtn-" + text.removeprefix("gptq-").removesuffix("-act"))
         return GPTQAttack(scheme, act_order=act_order)
+    if text.startswith("awq-"):
+        return AWQAttack(parse_rtn_name("rtn-" + text.removeprefix("awq-")))
     if text.startswith(("gguf-", "bnb-")):
         family, _, fmt = text.partition("-")
         return DeploymentAttack(family, fmt)
