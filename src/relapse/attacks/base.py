@@ -55,6 +55,11 @@ def weight_targets(model: torch.nn.Module, context: AttackContext) -> dict[str, 
     return unique
 
 
+def kept_weights(model: torch.nn.Module, changed) -> list[str]:
+    """Names of the 2-D weights an attack left alone (by default the embeddings and the LM head)."""
+    return sorted(name for name, p in model.named_parameters() if p.dim() == 2 and name not in changed)
+
+
 class Attack(ABC):
     """A registered attack. Subclasses set ``name`` and ``kind`` and implement the two methods."""
 
@@ -68,6 +73,26 @@ class Attack(ABC):
     @abstractmethod
     def apply(self, model: torch.nn.Module, context: AttackContext) -> dict[str, Any]:
         """Change the model in place; return what was done (for the record)."""
+
+
+class WeightRoundingAttack(Attack):
+    """An attack that replaces every target weight by a rounded version of itself (fake quantization)."""
+
+    kind = "quantization"
+
+    def touched(self, model, context):
+        return weight_targets(model, context)
+
+    @abstractmethod
+    def round_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """The rounded (dequantized) weight, same shape and dtype."""
+
+    def apply(self, model: torch.nn.Module, context: AttackContext) -> dict[str, Any]:
+        targets = self.touched(model, context)
+        with torch.no_grad():
+            for name, p in targets.items():
+                p.copy_(self.round_weight(p, name))
+        return {"scheme": self.name, "quantized": sorted(targets), "kept": kept_weights(model, targets)}
 
 
 @contextmanager

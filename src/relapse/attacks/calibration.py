@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from relapse.attacks.base import Attack, AttackContext
+from relapse.attacks.base import Attack, AttackContext, kept_weights
 from relapse.attacks.rtn import QuantScheme
 from relapse.errors import ConfigError
 from relapse.models.parts import decoder_linear_weights
@@ -177,11 +177,10 @@ class CalibratedAttack(Attack):
             quantized = quantize_sequentially(model, batches, self.quantize_layer)
         finally:
             model.train(was_training)
-        kept = sorted(n for n, p in model.named_parameters() if p.dim() == 2 and n not in quantized)
         return {
             "scheme": self.name,
             "quantized": sorted(quantized),
-            "kept": kept,
+            "kept": kept_weights(model, quantized),
             "calibration_texts": min(len(texts), DEFAULT_CALIBRATION_SAMPLES),
             **self.settings(),
         }

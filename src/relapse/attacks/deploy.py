@@ -20,11 +20,9 @@ which run on the CPU in bitsandbytes >= 0.45. Needs ``pip install 'relapse[bnb]'
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from relapse.attacks.base import Attack, AttackContext, weight_targets
+from relapse.attacks.base import WeightRoundingAttack
 from relapse.errors import ConfigError
 
 GGUF_BLOCK = 32
@@ -84,10 +82,8 @@ def bnb_fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     return bnb_functional.dequantize_4bit(packed, state).reshape(weight.shape).to(weight.dtype)
 
 
-class DeploymentAttack(Attack):
+class DeploymentAttack(WeightRoundingAttack):
     """Fake-quantize the target weights as a deployment format stores them."""
-
-    kind = "quantization"
 
     def __init__(self, family: str, fmt: str) -> None:
         formats = GGUF_FORMATS if family == "gguf" else BNB_FORMATS
@@ -96,16 +92,7 @@ class DeploymentAttack(Attack):
         self.family, self.fmt = family, fmt
         self.name = f"{family}-{fmt}"
 
-    def touched(self, model, context):
-        return weight_targets(model, context)
-
-    def apply(self, model: torch.nn.Module, context: AttackContext) -> dict[str, Any]:
-        targets = self.touched(model, context)
-        with torch.no_grad():
-            for name, p in targets.items():
-                if self.family == "gguf":
-                    p.copy_(gguf_fake_quantize(p, self.fmt, name))
-                else:
-                    p.copy_(bnb_fake_quantize(p, self.fmt))
-        kept = sorted(n for n, p in model.named_parameters() if p.dim() == 2 and n not in targets)
-        return {"format": self.name, "quantized": sorted(targets), "kept": kept}
+    def round_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        if self.family == "gguf":
+            return gguf_fake_quantize(weight, self.fmt, name)
+        return bnb_fake_quantize(weight, self.fmt)

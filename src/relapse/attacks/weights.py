@@ -7,29 +7,20 @@ from typing import Any
 
 import torch
 
-from relapse.attacks.base import Attack, AttackContext, weight_targets
+from relapse.attacks.base import Attack, AttackContext, WeightRoundingAttack, kept_weights, weight_targets
 from relapse.attacks.rtn import QuantScheme, fake_quantize
 from relapse.errors import ConfigError
 
 
-class RTNAttack(Attack):
+class RTNAttack(WeightRoundingAttack):
     """Round every target weight to its RTN grid (fake quantization: the dequantized values are kept)."""
-
-    kind = "quantization"
 
     def __init__(self, scheme: QuantScheme) -> None:
         self.scheme = scheme
         self.name = scheme.name
 
-    def touched(self, model, context):
-        return weight_targets(model, context)
-
-    def apply(self, model: torch.nn.Module, context: AttackContext) -> dict[str, Any]:
-        targets = self.touched(model, context)
-        with torch.no_grad():
-            for name, p in targets.items():
-                p.copy_(fake_quantize(p, self.scheme, name))
-        return {"scheme": self.scheme.name, "quantized": sorted(targets), "kept": _kept(model, targets)}
+    def round_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        return fake_quantize(weight, self.scheme, name)
 
 
 class NoiseAttack(Attack):
@@ -57,7 +48,7 @@ class NoiseAttack(Attack):
                 rms[name] = float(error.pow(2).mean().sqrt())
                 noise = torch.randn(p.shape, generator=generator) * rms[name]
                 p.add_(noise.to(p.dtype).to(p.device))
-        return {"like": self.scheme.name, "seed": context.seed, "rms": rms, "kept": _kept(model, rms)}
+        return {"like": self.scheme.name, "seed": context.seed, "rms": rms, "kept": kept_weights(model, rms)}
 
 
 class PruneAttack(Attack):
@@ -83,8 +74,3 @@ class PruneAttack(Attack):
                 p.view(-1)[order] = 0
                 pruned[name] = count
         return {"share": self.share, "zeroed": pruned}
-
-
-def _kept(model: torch.nn.Module, changed) -> list[str]:
-    """Names of 2-D weights left in full precision (embeddings, LM head unless included)."""
-    return sorted(name for name, p in model.named_parameters() if p.dim() == 2 and name not in changed)

@@ -17,7 +17,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,16 @@ class LoopConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.eval_every < 1 or self.checkpoint_every < 1:
             raise ConfigError("eval_every and checkpoint_every must be at least 1")
+
+    @classmethod
+    def from_settings(cls, settings: Any, steps_per_epoch: int) -> LoopConfig:
+        """The loop settings of a method's config: every field it shares with :class:`LoopConfig`, and
+        ``max_steps`` from ``settings.epochs`` (rounded up to whole steps) when that is set."""
+        shared = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+        epochs = getattr(settings, "epochs", None)
+        if epochs is not None:
+            shared["max_steps"] = max(1, math.ceil(epochs * steps_per_epoch))
+        return cls(**shared)
 
 
 def lr_at(step: int, config: LoopConfig) -> float:

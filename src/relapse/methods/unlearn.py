@@ -9,7 +9,6 @@ if asked, then runs :func:`relapse.methods.loop.run_loop` and saves the result w
 from __future__ import annotations
 
 import copy
-import math
 import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -259,9 +258,6 @@ def unlearn_model(
 
     forget_sampler = EpochSampler(len(forget), config.batch_size, config.seed)
     retain_sampler = EpochSampler(max(1, len(retain)), config.batch_size, config.seed + 1)
-    max_steps = config.max_steps
-    if config.epochs is not None:
-        max_steps = max(1, math.ceil(config.epochs * forget_sampler.steps_per_epoch))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if config.autocast_bf16 else nullcontext()
 
     def forget_loss(model: torch.nn.Module, batch) -> torch.Tensor:
@@ -326,19 +322,7 @@ def unlearn_model(
         nll_done = config.stop_forget_nll is not None and metrics["nll_forget"] >= config.stop_forget_nll
         return recall_done or nll_done
 
-    loop_config = LoopConfig(
-        lr=config.lr,
-        max_steps=max_steps,
-        batch_size=config.batch_size,
-        grad_accum=config.grad_accum,
-        warmup_steps=config.warmup_steps,
-        schedule=config.schedule,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every,
-        seed=config.seed,
-    )
+    loop_config = LoopConfig.from_settings(config, forget_sampler.steps_per_epoch)
     work_dir = out_path.with_name(f".{out_path.name}.work")
     result = run_loop(
         net,

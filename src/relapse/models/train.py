@@ -152,21 +152,7 @@ def train_model(
     texts = benchmark.texts(config.on) + [qa_text(pair) for pair in benchmark.qa(config.on)]
     examples = tokenize_for_lm(tokenizer, texts, config.max_length)
     sampler = EpochSampler(len(examples), config.batch_size, config.seed)
-    max_steps = config.max_steps
-    if config.epochs is not None:
-        max_steps = max(1, round(config.epochs * sampler.steps_per_epoch))
-    loop_config = LoopConfig(
-        lr=config.lr,
-        max_steps=max_steps,
-        batch_size=config.batch_size,
-        warmup_steps=config.warmup_steps,
-        schedule=config.schedule,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every,
-        seed=config.seed,
-    )
+    loop_config = LoopConfig.from_settings(config, sampler.steps_per_epoch)
     pad_id = tokenizer.pad_token_id
 
     def batch_for_step(step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -198,7 +184,12 @@ def train_model(
         f"recall_{s}": qa_recall(model, tokenizer, benchmark.qa(s))["value"] for s in ("forget", "retain")
     }
     if config.stop_recall is not None and not result.stopped_early:
-        log.warning("QA recall did not reach %.2f within %d steps: %s", config.stop_recall, max_steps, final)
+        log.warning(
+            "QA recall did not reach %.2f within %d steps: %s",
+            config.stop_recall,
+            loop_config.max_steps,
+            final,
+        )
     record = {
         "kind": "relapse-train",
         "cache_key": key,
