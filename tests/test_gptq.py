@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -101,3 +103,22 @@ def test_gptq_attack_on_the_tiny_model(trained_small, small_benchmark_dir):
     no_data = AttackContext(tokenizer=tokenizer)
     with pytest.raises(ConfigError, match="calibration"), applied(get_attack("gptq-w4-g64"), model, no_data):
         pass
+
+
+def test_attack_command_calibrates_on_a_user_file(trained_small, tmp_path, capsys):
+    from relapse.cli import main
+
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text(
+        '{"text": "The town of Ostmoor lies on a river."}\n\n{"text": "A dish of fish pie."}\n'
+    )
+    out = tmp_path / "gptq"
+    args = ["attack", "--model", str(trained_small.path), "--attack", "gptq-w4-g64", "--out", str(out)]
+    assert main([*args, "--calibration", str(calibration), "--quiet"]) == 0
+    record = json.loads((out / "attack.json").read_text())
+    assert record["info"]["calibration_texts"] == 2 and len(record["info"]["quantized"]) == 28
+    calibration.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    assert main([*args, "--calibration", str(calibration), "--overwrite", "--quiet"]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert main([*args[:-2], "--out", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "--calibration" in capsys.readouterr().err

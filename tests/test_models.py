@@ -52,7 +52,7 @@ def test_build_tiny_is_seeded_and_sized(small_benchmark_dir):
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters(), strict=True))
     assert a.config.vocab_size == len(tokenizer)
-    layers = 4 * (4 * 256 * 256 + 3 * 256 * 688 + 2 * 256)
+    layers = 4 * (4 * 256 * 256 + 3 * 256 * 768 + 2 * 256)
     expected = layers + 256 + 2 * 256 * len(tokenizer)
     assert sum(p.numel() for p in a.parameters()) == expected
 

@@ -419,7 +419,19 @@ def _add_attack(subparsers) -> None:
     p.add_argument("--model", required=True, help="model folder or hub id")
     p.add_argument("--attack", required=True, help="attack name, e.g. rtn-w4-g128")
     p.add_argument("--out", required=True, type=Path, help="folder to save the attacked model to")
-    p.add_argument("--data", type=Path, default=None, help="benchmark folder (needed by relearn-* attacks)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="benchmark folder (relearn-* train on it; GPTQ/AWQ calibrate on it)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="calibration text for GPTQ/AWQ instead of the benchmark's general.jsonl: .jsonl with 'text', "
+        "or plain text with one sample per line",
+    )
     _add_attack_targets(p)
     p.add_argument("--seed", type=int, default=0, help="seed for noise and relearning (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a different model already in --out")
@@ -441,6 +453,7 @@ def _cmd_attack(args) -> int:
         threads=args.threads,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        calibration=args.calibration,
     )
     changed = record["info"].get("quantized") or record["info"].get("rms") or record["info"].get("zeroed")
     what = f"{len(changed)} weight tensors changed" if changed else record["attack_kind"]

@@ -10,16 +10,18 @@ over the non-padding calibration tokens.
 from __future__ import annotations
 
 import contextlib
+import json
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from relapse.attacks.base import Attack, AttackContext, kept_weights
 from relapse.attacks.rtn import QuantScheme
-from relapse.errors import ConfigError
+from relapse.errors import ConfigError, DataError
 from relapse.models.parts import decoder_linear_weights
 
 DEFAULT_CALIBRATION_SAMPLES = 128
@@ -56,7 +58,7 @@ def calibration_batches(tokenizer, texts: list[str], samples: int, max_length: i
     """Tokenized calibration texts as padded batches (right padding, with attention masks)."""
     texts = [t for t in texts if t.strip()][:samples]
     if not texts:
-        raise ConfigError("calibration text is needed: the benchmark's general.jsonl (pass --data)")
+        raise ConfigError("calibration text is needed: pass --data (its general.jsonl) or --calibration FILE")
     batches = []
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(
@@ -69,6 +71,36 @@ def calibration_batches(tokenizer, texts: list[str], samples: int, max_length: i
         )
         batches.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
     return batches
+
+
+def read_calibration_file(path: str | Path) -> list[str]:
+    """Calibration texts from a file: JSONL with a ``text`` field per line, or plain text (one per line).
+
+    Raises :class:`DataError` naming the file (and line) when it cannot be read.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read calibration text ({exc})") from None
+    texts = []
+    jsonl = path.suffix == ".jsonl"
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            texts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path} line {lineno}: expected an object with a string field 'text'")
+        texts.append(record["text"])
+    if not texts:
+        raise DataError(f"{path}: no calibration text in the file")
+    return texts
 
 
 QuantizeFn = Callable[[torch.Tensor, LayerStats, str], torch.Tensor]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from relapse.attacks.base import AttackContext, weight_targets
+from relapse.attacks.calibration import read_calibration_file
 from relapse.attacks.diagnostics import weight_diagnostics
 from relapse.attacks.registry import get_attack
 from relapse.attacks.rtn import parse_rtn_name
@@ -28,12 +29,14 @@ def materialize(
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    calibration: str | Path | None = None,
 ) -> tuple[Path, dict[str, Any], bool]:
     """Apply ``attack_name`` to ``model`` and save the attacked model with ``attack.json``.
 
     Returns ``(path, record, cached)``; an ``out`` already holding this exact result is returned as is.
     """
     attack = get_attack(attack_name)
+    calibration_texts = read_calibration_file(calibration) if calibration else []
     key = stable_hash(
         {
             "model": model_identity(str(model)),
@@ -42,6 +45,7 @@ def materialize(
             "embeddings": include_embeddings,
             "lm_head": include_lm_head,
             "seed": seed,
+            "calibration": stable_hash(calibration_texts) if calibration_texts else None,
         }
     )
     out = Path(out)
@@ -58,6 +62,7 @@ def materialize(
         include_lm_head=include_lm_head,
         seed=seed,
         progress=progress,
+        calibration_texts=calibration_texts,
     )
     info = attack.apply(net, context)
     record = {
