@@ -369,10 +369,6 @@ def test_bad_attack_names(name):
         get_attack(name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: prune-12.5 is accepted but named prune-12, so it shares prune-12's name and cache key",
-)
 def test_fractional_prune_share_is_rejected_or_named_faithfully():
     try:
         attack = get_attack("prune-12.5")
@@ -380,6 +376,15 @@ def test_fractional_prune_share_is_rejected_or_named_faithfully():
         return
     assert get_attack(attack.name).share == attack.share
     assert attack.name != get_attack("prune-12").name
+
+
+def test_relearning_leaves_no_gradients_behind(trained_small, small_benchmark_dir):
+    model, tokenizer = load_model(trained_small.path)
+    context = AttackContext(tokenizer=tokenizer, benchmark=load_benchmark(small_benchmark_dir))
+    with applied(get_attack("relearn-retain-2"), model, context):
+        pass
+    assert all(p.grad is None for p in model.parameters())
+    assert get_attack("relearn-retain-2-lr0.00012345678").name == "relearn-retain-2-lr0.00012345678"
 
 
 def test_parse_attacks():

@@ -37,7 +37,7 @@ class RelearnAttack(Attack):
         if steps < 1 or lr <= 0:
             raise ConfigError("relearning needs at least one step and a positive learning rate")
         self.split, self.steps, self.lr = split, steps, lr
-        suffix = "" if lr == DEFAULT_RELEARN_LR else f"-lr{lr:g}"
+        suffix = "" if lr == DEFAULT_RELEARN_LR else f"-lr{lr:.12g}"
         self.name = f"relearn-{split}-{steps}{suffix}"
 
     def touched(self, model, context):
@@ -78,6 +78,7 @@ class RelearnAttack(Attack):
         finally:
             for name, p in model.named_parameters():
                 p.requires_grad_(trainable[name])
+                p.grad = None  # no stale relearning gradients left on the restored model
         return {
             "split": self.split,
             "steps": self.steps,

@@ -60,7 +60,7 @@ class PruneAttack(Attack):
         if not 0.0 < share < 1.0:
             raise ConfigError(f"pruning share must be between 0 and 1 (prune-30 = 30%), got {share}")
         self.share = share
-        self.name = f"prune-{round(share * 100):d}"
+        self.name = f"prune-{share * 100:.12g}"  # prune-12.5 keeps its half percent
 
     def touched(self, model, context):
         return weight_targets(model, context)
