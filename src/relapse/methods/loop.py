@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +28,8 @@ from safetensors.torch import save_model as save_safetensors_model
 from tqdm.auto import tqdm
 
 from relapse.errors import ConfigError
-from relapse.methods.parallel import data_parallel
+from relapse.methods.parallel import barrier, data_parallel, is_main_process
+from relapse.models.io import save_model
 from relapse.runtime import atomic_write_json, replace_dir
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -232,6 +234,20 @@ def run_loop(
         history=history,
         loss_curve=loss_curve,
     )
+
+
+def work_dir_for(out: Path) -> Path:
+    """Where a run that will save to ``out`` keeps its checkpoints: a hidden folder beside ``out``."""
+    return out.with_name(f".{out.name}.work")
+
+
+def save_run(model, tokenizer, out: Path, record: dict[str, Any], record_name: str) -> None:
+    """Save a finished run's model and record (main process only), drop its checkpoints, and wait
+    for the other processes of a data-parallel group."""
+    if is_main_process():
+        save_model(model, tokenizer, out, record, record_name)
+        shutil.rmtree(work_dir_for(out), ignore_errors=True)
+    barrier()
 
 
 def _fmt(value: Any) -> str:

@@ -9,7 +9,6 @@ if asked, then runs :func:`relapse.methods.loop.run_loop` and saves the result w
 from __future__ import annotations
 
 import copy
-import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,12 +21,12 @@ from relapse.data.benchmark import Benchmark, benchmark_files, load_benchmark
 from relapse.data.prompts import qa_prompt, qa_text
 from relapse.errors import ConfigError
 from relapse.methods import losses
-from relapse.methods.loop import SCHEDULES, LoopConfig, run_loop
-from relapse.methods.parallel import barrier, is_main_process, world_size
+from relapse.methods.loop import SCHEDULES, LoopConfig, run_loop, save_run, work_dir_for
+from relapse.methods.parallel import world_size
 from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
 from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
 from relapse.metrics.qa import qa_recall
-from relapse.models.io import load_model, reuse_or_claim, save_model
+from relapse.models.io import load_model, reuse_or_claim
 from relapse.models.train import model_identity
 from relapse.runtime import cache_dir, hash_files, package_versions, seed_everything, set_threads, stable_hash
 
@@ -323,14 +322,13 @@ def unlearn_model(
         return recall_done or nll_done
 
     loop_config = LoopConfig.from_settings(config, forget_sampler.steps_per_epoch)
-    work_dir = out_path.with_name(f".{out_path.name}.work")
     result = run_loop(
         net,
         loop_config,
         batch_for_step,
         loss_fn,
         run_key=key,
-        work_dir=work_dir,
+        work_dir=work_dir_for(out_path),
         evaluate=evaluate,
         should_stop=should_stop,
         progress=progress,
@@ -366,10 +364,7 @@ def unlearn_model(
         "sure": sure,
         **result.to_dict(),
     }
-    if is_main_process():
-        save_model(net, tokenizer, out_path, record, RECORD_NAME)
-        shutil.rmtree(work_dir, ignore_errors=True)
-    barrier()
+    save_run(net, tokenizer, out_path, record, RECORD_NAME)
     return UnlearnResult(out_path, record, cached=False)
 
 

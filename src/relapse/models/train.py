@@ -9,7 +9,6 @@ files, the settings, the seed and the starting model: asking again for the same 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,10 @@ from relapse.data.batching import EpochSampler, collate, tokenize_for_lm
 from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
-from relapse.methods.loop import LoopConfig, run_loop
-from relapse.methods.parallel import barrier, is_main_process, world_size
+from relapse.methods.loop import LoopConfig, run_loop, save_run, work_dir_for
+from relapse.methods.parallel import world_size
 from relapse.metrics.qa import qa_recall
-from relapse.models.io import load_model, read_record, reuse_or_claim, save_model
+from relapse.models.io import load_model, read_record, reuse_or_claim
 from relapse.models.tiny import TinyConfig, build_tiny
 from relapse.runtime import (
     cache_dir,
@@ -167,14 +166,13 @@ def train_model(
     def should_stop(metrics: dict[str, float]) -> bool:
         return config.stop_recall is not None and all(v >= config.stop_recall for v in metrics.values())
 
-    work_dir = out_path.with_name(f".{out_path.name}.work")
     result = run_loop(
         model,
         loop_config,
         batch_for_step,
         loss_fn,
         run_key=key,
-        work_dir=work_dir,
+        work_dir=work_dir_for(out_path),
         evaluate=evaluate,
         should_stop=should_stop,
         progress=progress,
@@ -209,8 +207,5 @@ def train_model(
         "final": final,
         **result.to_dict(),
     }
-    if is_main_process():
-        save_model(model, tokenizer, out_path, record, RECORD_NAME)
-        shutil.rmtree(work_dir, ignore_errors=True)
-    barrier()
+    save_run(model, tokenizer, out_path, record, RECORD_NAME)
     return TrainResult(out_path, record, cached=False)
