@@ -93,3 +93,31 @@ def test_deployment_attacks_restore_exact_weights(trained_small, name):
         assert changed == set(info["quantized"])
         assert "lm_head.weight" in info["kept"] and "model.embed_tokens.weight" in info["kept"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_bnb_attack_equals_a_model_served_with_bitsandbytes_config(trained_small, fmt):
+    """The fake-quantized weights are what transformers + bitsandbytes serve for the same model on CPU."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=fmt, bnb_4bit_compute_dtype=torch.float32
+    )
+    served = AutoModelForCausalLM.from_pretrained(
+        trained_small.path, quantization_config=config, device_map="cpu", dtype=torch.float32
+    )
+    model, tokenizer = load_model(trained_small.path)
+    with applied(get_attack(f"bnb-{fmt}"), model, AttackContext(tokenizer=tokenizer)) as info:
+        ours = dict(model.named_modules())
+        for name, module in served.named_modules():
+            if type(module).__name__ == "Linear4bit":
+                dequantized = functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                assert torch.equal(dequantized.float(), ours[name].weight), name
+        # Both keep the LM head (and the embeddings) in full precision.
+        assert type(served.lm_head).__name__ == "Linear"
+        assert "lm_head.weight" in info["kept"]
+        served_quantized = {
+            f"{n}.weight" for n, m in served.named_modules() if type(m).__name__ == "Linear4bit"
+        }
+        assert served_quantized == set(info["quantized"])
