@@ -137,7 +137,6 @@ class Reference:
         self, model, forget: list[Example], retain: list[Example], config: UnlearnConfig, pad_id: int
     ) -> None:
         spec = config.spec
-        self.pad_id = pad_id
         self.model = None
         self.forget_logp: torch.Tensor | None = None
         self.retain_log_probs: list[torch.Tensor] | None = None
@@ -198,8 +197,9 @@ def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _chunks(examples: list[Example], pad_id: int, size: int = 32):
+    """All examples in order, as indexed batches of ``size``."""
     for start in range(0, len(examples), size):
-        yield collate(examples[start : start + size], pad_id)
+        yield _indexed_batch(examples, list(range(start, min(start + size, len(examples)))), pad_id)
 
 
 def _indexed_batch(examples: list[Example], indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -296,7 +296,7 @@ def unlearn_model(
 
     mask: SaliencyMask | None = None
     if config.sure_top is not None:
-        batches = _chunks_indexed(forget, pad_id)
+        batches = _chunks(forget, pad_id)
         mask = build_mask(
             net, forget_loss, batches, config.sure_top, config.sure_granularity, per_step=config.sure_per_step
         )
@@ -375,11 +375,6 @@ def _wrap_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
     except ImportError:
         raise ConfigError("--lora-r needs the peft package: pip install 'relapse[lora]'") from None
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
-
-
-def _chunks_indexed(examples: list[Example], pad_id: int, size: int = 32):
-    for start in range(0, len(examples), size):
-        yield _indexed_batch(examples, list(range(start, min(start + size, len(examples)))), pad_id)
 
 
 @torch.no_grad()
