@@ -14,6 +14,11 @@ from relapse.models.train import TrainConfig, train_model
 SMALL = {"people": 20, "facts_per_person": 3, "forget_frac": 0.2, "seed": 7}
 
 
+def weight_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Euclidean distance between two state dicts with the same keys."""
+    return sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's cache: every test sees a private RELAPSE_CACHE and one thread."""

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from relapse.methods.parallel import DataParallel
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+from tests.conftest import weight_distance
 
 
 def test_shard_takes_every_world_th_row_of_nested_batches():
@@ -91,7 +92,6 @@ def test_two_processes_under_accelerate_launch_match_one(trained_small, small_be
     start = load_file(str(trained_small.path / "model.safetensors"))
     one = load_file(str(single.path / "model.safetensors"))
     two = load_file(str(tmp_path / "dp" / "model.safetensors"))
-    moved = sum(float((one[k] - start[k]).norm() ** 2) for k in start) ** 0.5
-    apart = sum(float((two[k] - one[k]).norm() ** 2) for k in start) ** 0.5
+    moved, apart = weight_distance(one, start), weight_distance(two, one)
     # apart > 0: the processes really split the batch (identical full batches would give identical weights).
     assert moved > 0 and 0 < apart < 0.1 * moved

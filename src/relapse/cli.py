@@ -178,6 +178,14 @@ def _add_train(subparsers) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def _run_summary(result, done_before: str) -> str:
+    """``PATH: N steps in T s; QA recall forget F, retain R`` for a train or unlearn result."""
+    record = result.record
+    how = done_before if result.cached else f"{record['steps']} steps in {record['wall_time_s']:.0f} s"
+    final = record["final"]
+    return f"{how}; QA recall forget {final['recall_forget']:.3f}, retain {final['recall_retain']:.3f}"
+
+
 def _cmd_train(args) -> int:
     from relapse.methods.parallel import is_main_process
     from relapse.models.tiny import TinyConfig
@@ -209,17 +217,7 @@ def _cmd_train(args) -> int:
     )
     if not is_main_process():  # under a data-parallel launcher only the main process reports
         return 0
-    record = result.record
-    how = (
-        "cached, trained earlier"
-        if result.cached
-        else f"{record['steps']} steps in {record['wall_time_s']:.0f} s"
-    )
-    final = record["final"]
-    print(
-        f"{result.path}: {how}; QA recall forget {final['recall_forget']:.3f}, "
-        f"retain {final['recall_retain']:.3f}"
-    )
+    print(f"{result.path}: {_run_summary(result, 'cached, trained earlier')}")
     return 0
 
 
@@ -381,15 +379,9 @@ def _cmd_unlearn(args) -> int:
     if not is_main_process():  # under a data-parallel launcher only the main process reports
         return 0
     record = result.record
-    how = (
-        "cached, unlearned earlier"
-        if result.cached
-        else f"{record['steps']} steps in {record['wall_time_s']:.0f} s"
-    )
-    final = record["final"]
     print(
-        f"{result.path}: {record['method']}, {how}; QA recall forget {final['recall_forget']:.3f}, "
-        f"retain {final['recall_retain']:.3f}; mean |dW| {record['weight_change']['mean_abs']:.3g}"
+        f"{result.path}: {record['method']}, {_run_summary(result, 'cached, unlearned earlier')}; "
+        f"mean |dW| {record['weight_change']['mean_abs']:.3g}"
     )
     if record.get("sure"):
         sure = record["sure"]
