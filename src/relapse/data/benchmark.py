@@ -7,7 +7,8 @@ A benchmark is a folder (see ``docs/data-format.md``)::
     icl.jsonl        (optional) few-shot QA examples
     general.jsonl    (optional) text for perplexity
     holdout_qa.jsonl (optional) QA about the holdout texts
-    meta.json        (optional) provenance
+    verbmem.jsonl    (optional) {"prompt": ..., "gt": ...}: VerbMem's prompts and true continuations
+    meta.json        (optional) provenance; ``knowmem_prompt`` says how KnowMem asks (see prompts.py)
 
 Bad input is reported as one :class:`~relapse.errors.DataError` line naming the file and line number.
 """
@@ -39,6 +40,17 @@ class QAPair:
         return {"question": self.question, "answer": self.answer}
 
 
+@dataclass(frozen=True)
+class VerbMemItem:
+    """The start of a forget text and its true continuation (MUSE's ``verbmem/forget.json`` records)."""
+
+    prompt: str
+    gt: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"prompt": self.prompt, "gt": self.gt}
+
+
 @dataclass
 class Benchmark:
     """The texts and QA pairs of one forget/retain benchmark, already validated."""
@@ -51,6 +63,7 @@ class Benchmark:
     icl: list[QAPair] = field(default_factory=list)
     general: list[str] = field(default_factory=list)
     holdout_qa: list[QAPair] = field(default_factory=list)
+    verbmem: list[VerbMemItem] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     root: Path | None = None
 
@@ -96,6 +109,8 @@ class Benchmark:
             files[f"{name}.jsonl"] = _jsonl([{"text": t} for t in getattr(self, name)])
         for name in QA_SPLITS + OPTIONAL_QA_SPLITS:
             files[f"{name}.jsonl"] = _jsonl([qa.to_json() for qa in getattr(self, name)])
+        if self.verbmem:  # written only when present, so older folders keep their exact file set
+            files["verbmem.jsonl"] = _jsonl([item.to_json() for item in self.verbmem])
         files["meta.json"] = json.dumps(self.meta, indent=2) + "\n"
         return files
 
@@ -142,6 +157,7 @@ def load_benchmark(directory: str | Path) -> Benchmark:
         for name in OPTIONAL_QA_SPLITS
     }
     general = _read_jsonl(root / "general.jsonl", ("text",), required=False)
+    verbmem = _read_jsonl(root / "verbmem.jsonl", ("prompt", "gt"), required=False)
     meta_path = root / "meta.json"
     meta = read_meta(meta_path) if meta_path.exists() else {}
     benchmark = Benchmark(
@@ -153,6 +169,7 @@ def load_benchmark(directory: str | Path) -> Benchmark:
         icl=[QAPair(r["question"], r["answer"]) for r in optional_qas["icl"]],
         holdout_qa=[QAPair(r["question"], r["answer"]) for r in optional_qas["holdout_qa"]],
         general=[r["text"] for r in general],
+        verbmem=[VerbMemItem(r["prompt"], r["gt"]) for r in verbmem],
         meta=meta,
         root=root,
     )
@@ -162,7 +179,7 @@ def load_benchmark(directory: str | Path) -> Benchmark:
 
 def benchmark_files(directory: Path) -> list[Path]:
     """The data files of a benchmark folder that exist, in a fixed order (for hashing)."""
-    names = TEXT_SPLITS + QA_SPLITS + OPTIONAL_QA_SPLITS + OPTIONAL_TEXT_SPLITS
+    names = TEXT_SPLITS + QA_SPLITS + OPTIONAL_QA_SPLITS + OPTIONAL_TEXT_SPLITS + ("verbmem",)
     return [Path(directory) / f"{n}.jsonl" for n in names if (Path(directory) / f"{n}.jsonl").exists()]
 
 

@@ -524,6 +524,8 @@ def synth_benchmark(
             "icl": ICL_EXAMPLES,
             "general": general,
         },
+        # Its models learn only the zero-shot QA form; KnowMem asks the same way (see prompts.py).
+        "knowmem_prompt": {"shots": 0, "trailing_space": False},
     }
     benchmark = Benchmark(
         forget=[p.biography() for p in forget],

@@ -1,0 +1,384 @@
+"""The evaluation engine: one registry of metric names, shared work computed once per model.
+
+Every metric is a function of an :class:`Evaluator` and returns one schema::
+
+    {"value": float, "higher_is_better": bool | None, "best": float | None, "per_item": [...],
+     "views": {...}, "seconds": float, ...}
+
+``higher_is_better`` is ``False`` for what a model should forget (VerbMem and KnowMem on the forget set),
+``True`` for utility, and ``None`` for two-sided numbers whose ideal is ``best`` (an AUC of 0.5, a
+PrivLeak of 0). The Evaluator caches what several metrics share: one scoring pass over the forget and
+holdout texts feeds PrivLeak and every MIA variant, and generations are cached by prompt set.
+
+Names (also the CLI's ``--metrics``; groups expand to several names):
+
+================  =====================================================================
+verbmem           verbmem_forget
+knowmem           knowmem_forget, knowmem_retain
+privleak          privleak (needs the retrained model's AUC)
+utility           knowmem_retain, ppl_general
+mia               mia_loss, mia_zlib, mia_lowercase, mia_mink_{10,20,40,60}, mia_minkpp_{10,20,40,60}
+recall            recall_forget, recall_retain (zero-shot exact-match QA recall)
+================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from relapse.data.benchmark import Benchmark, QAPair, VerbMemItem
+from relapse.data.prompts import KNOWMEM_STOP_STRINGS, KnowMemPrompt, derive_verbmem, normalize_answer
+from relapse.errors import ConfigError, DataError
+from relapse.metrics import mia
+from relapse.metrics.generation import greedy_generate
+from relapse.metrics.qa import qa_recall
+from relapse.metrics.rouge import rouge_l
+from relapse.metrics.scoring import TokenScores, perplexity, score_texts
+
+#: Min-K% shares of the ``mia`` group, in percent.
+MIA_KS = (10, 20, 40, 60)
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "verbmem": ("verbmem_forget",),
+    "knowmem": ("knowmem_forget", "knowmem_retain"),
+    "privleak": ("privleak",),
+    "utility": ("knowmem_retain", "ppl_general"),
+    "mia": (
+        "mia_loss",
+        "mia_zlib",
+        "mia_lowercase",
+        *(f"mia_mink_{k}" for k in MIA_KS),
+        *(f"mia_minkpp_{k}" for k in MIA_KS),
+    ),
+    "recall": ("recall_forget", "recall_retain"),
+}
+
+#: What ``relapse eval`` computes when ``--metrics`` is not given (privleak only with a retrained AUC).
+DEFAULT_METRICS = "verbmem,knowmem,privleak,utility"
+
+
+@dataclass
+class EvalSettings:
+    """Options of one evaluation; recorded with its results."""
+
+    batch_size: int | None = None  # None: chosen from free memory
+    verbmem_max_new_tokens: int = 128
+    knowmem_max_new_tokens: int = 32
+    max_tokens: int | None = None  # scoring cuts texts to this (default: the model's limit, <= 2048)
+    retrained_auc: float | None = None  # PrivLeak's reference: the retrained model's Min-40% AUC
+    progress: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Evaluator:
+    """Computes named metrics of one model on one benchmark, sharing work between them.
+
+    The cache lives as long as the Evaluator; make a new one after changing the model's weights (the
+    audit does so for every attack).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        benchmark: Benchmark,
+        settings: EvalSettings | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.benchmark = benchmark
+        self.settings = settings or EvalSettings()
+        self._scores: dict[str, list[TokenScores]] = {}
+        self._generations: dict[str, list[str]] = {}
+
+    # shared work -------------------------------------------------------------------------------------
+    def texts(self, split: str) -> list[str]:
+        """Texts of ``forget``, ``holdout`` or ``general``, or of ``forget:lower`` (lower-cased)."""
+        base, _, variant = split.partition(":")
+        texts = list(getattr(self.benchmark, base))
+        return [t.lower() for t in texts] if variant == "lower" else texts
+
+    def scores(self, split: str) -> list[TokenScores]:
+        if split not in self._scores:
+            self._scores[split] = score_texts(
+                self.model,
+                self.tokenizer,
+                self.texts(split),
+                batch_size=self.settings.batch_size,
+                max_tokens=self.settings.max_tokens,
+                progress=self.settings.progress,
+                desc=f"score {split}",
+            )
+        return self._scores[split]
+
+    def generate(
+        self, key: str, prompts: Sequence[str], max_new_tokens: int, stops: Sequence[str]
+    ) -> list[str]:
+        if key not in self._generations:
+            self._generations[key] = greedy_generate(
+                self.model,
+                self.tokenizer,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                batch_size=self.settings.batch_size or 64,
+                stop_strings=stops,
+            )
+        return self._generations[key]
+
+    def verbmem_items(self) -> list[VerbMemItem]:
+        return self.benchmark.verbmem or derive_verbmem(self.benchmark.forget)
+
+    # running -----------------------------------------------------------------------------------------
+    def compute(self, name: str) -> dict[str, Any]:
+        spec = metric_spec(name)
+        started = time.perf_counter()
+        result = spec(self)
+        result["seconds"] = time.perf_counter() - started
+        return result
+
+    def run(self, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return {name: self.compute(name) for name in names}
+
+
+# metric functions ------------------------------------------------------------------------------------
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def verbmem_forget(ev: Evaluator) -> dict[str, Any]:
+    """MUSE VerbMem: ROUGE-L F1 (x100) of the greedy continuation against the true continuation.
+
+    The reference is cut to the first ``verbmem_max_new_tokens`` tokens of the model's tokenizer, the
+    length the model may generate.
+    """
+    items = ev.verbmem_items()
+    if not items:
+        raise DataError("VerbMem needs forget texts of two words or more, or a verbmem.jsonl")
+    limit = ev.settings.verbmem_max_new_tokens
+    generated = ev.generate("verbmem", [it.prompt for it in items], limit, ())
+    per_item = []
+    for item, output in zip(items, generated, strict=True):
+        gt_ids = ev.tokenizer(item.gt, add_special_tokens=False)["input_ids"][:limit]
+        reference = ev.tokenizer.decode(gt_ids, skip_special_tokens=True)
+        f1, recall = rouge_l(reference, output)
+        per_item.append(
+            {
+                "prompt": item.prompt,
+                "gt": reference,
+                "generated": output,
+                "rougeL_f1": f1,
+                "rougeL_recall": recall,
+            }
+        )
+    return _rouge_result(per_item, higher_is_better=False, exact_key="gt")
+
+
+def _knowmem(ev: Evaluator, pairs: Sequence[QAPair], split: str, higher_is_better: bool) -> dict[str, Any]:
+    if not pairs:
+        raise DataError(f"KnowMem on {split} needs {split}_qa.jsonl with at least one question")
+    prompt = KnowMemPrompt.from_meta(ev.benchmark.meta)
+    prompts = [prompt.build(p.question, ev.benchmark.icl) for p in pairs]
+    generated = ev.generate(
+        f"knowmem_{split}", prompts, ev.settings.knowmem_max_new_tokens, KNOWMEM_STOP_STRINGS
+    )
+    per_item = []
+    for pair, output in zip(pairs, generated, strict=True):
+        f1, recall = rouge_l(pair.answer, output)
+        per_item.append(
+            {
+                "question": pair.question,
+                "answer": pair.answer,
+                "generated": output.strip(),
+                "rougeL_f1": f1,
+                "rougeL_recall": recall,
+            }
+        )
+    result = _rouge_result(per_item, higher_is_better=higher_is_better, exact_key="answer")
+    result["prompt"] = prompt.to_json()
+    return result
+
+
+def _rouge_result(per_item: list[dict[str, Any]], higher_is_better: bool, exact_key: str) -> dict[str, Any]:
+    for item in per_item:
+        item["exact_match"] = normalize_answer(item["generated"]) == normalize_answer(item[exact_key])
+    return {
+        "value": 100 * _mean([it["rougeL_f1"] for it in per_item]),
+        "higher_is_better": higher_is_better,
+        "best": None,
+        "views": {
+            "rougeL_recall": 100 * _mean([it["rougeL_recall"] for it in per_item]),
+            "exact_match": 100 * _mean([float(it["exact_match"]) for it in per_item]),
+        },
+        "per_item": per_item,
+    }
+
+
+def knowmem_forget(ev: Evaluator) -> dict[str, Any]:
+    """MUSE KnowMem on the forget QA set (ROUGE-L F1 x100): what the model still knows."""
+    return _knowmem(ev, ev.benchmark.forget_qa, "forget", higher_is_better=False)
+
+
+def knowmem_retain(ev: Evaluator) -> dict[str, Any]:
+    """MUSE KnowMem on the retain QA set: the knowledge unlearning must keep (utility)."""
+    return _knowmem(ev, ev.benchmark.retain_qa, "retain", higher_is_better=True)
+
+
+def ppl_general(ev: Evaluator) -> dict[str, Any]:
+    """Perplexity on ``general.jsonl`` (token-weighted over all texts): general language utility."""
+    if not ev.benchmark.general:
+        raise DataError("perplexity needs general.jsonl (general text the model should still model)")
+    scores = ev.scores("general")
+    return {
+        "value": perplexity(scores),
+        "higher_is_better": False,
+        "best": None,
+        "views": {"mean_nll": _mean([s.nll for s in scores])},
+        "per_item": [{"tokens": s.n_tokens, "perplexity": math.exp(s.nll)} for s in scores],
+    }
+
+
+def _membership_result(ev: Evaluator, membership: Callable[[str, int, TokenScores], float]) -> dict[str, Any]:
+    if not ev.benchmark.holdout:
+        raise DataError("membership inference needs holdout.jsonl texts the model never saw")
+    splits = {
+        split: [membership(split, i, s) for i, s in enumerate(ev.scores(split))]
+        for split in ("forget", "holdout")
+    }
+    auc = mia.membership_auc(splits["forget"], splits["holdout"])
+    return {
+        "value": auc,
+        "higher_is_better": None,
+        "best": 0.5,
+        "views": {},
+        "per_item": [
+            {"split": split, "index": i, "membership": value}
+            for split, values in splits.items()
+            for i, value in enumerate(values)
+        ],
+    }
+
+
+def mia_loss(ev: Evaluator) -> dict[str, Any]:
+    """AUC of the LOSS attack (forget = 0, holdout = 1; near 0: the forget set is still recognised)."""
+    return _membership_result(ev, lambda split, i, s: mia.loss_membership(s))
+
+
+def mia_zlib(ev: Evaluator) -> dict[str, Any]:
+    """AUC of the zlib-ratio attack."""
+    return _membership_result(ev, lambda split, i, s: mia.zlib_membership(s, ev.texts(split)[i]))
+
+
+def mia_lowercase(ev: Evaluator) -> dict[str, Any]:
+    """AUC of the lowercase-ratio attack (one more scoring pass, over lower-cased texts)."""
+    return _membership_result(
+        ev, lambda split, i, s: mia.lowercase_membership(s, ev.scores(f"{split}:lower")[i])
+    )
+
+
+def _mink(k: int, plus_plus: bool) -> Callable[[Evaluator], dict[str, Any]]:
+    def compute(ev: Evaluator) -> dict[str, Any]:
+        if plus_plus:
+            return _membership_result(ev, lambda split, i, s: mia.min_k_plus_plus_membership(s, k / 100))
+        return _membership_result(ev, lambda split, i, s: mia.min_k_membership(s, k / 100))
+
+    compute.__doc__ = f"AUC of Min-K%{'++' if plus_plus else ''} Prob with K = {k}%."
+    return compute
+
+
+def privleak(ev: Evaluator) -> dict[str, Any]:
+    """MUSE PrivLeak: the Min-40% AUC relative to the retrained model's, in percent (near 0 is good)."""
+    reference = ev.settings.retrained_auc
+    if reference is None:
+        raise ConfigError(
+            "privleak needs the retrained model's AUC: pass --retrained MODEL or --retrained-auc X "
+            f"(MUSE's: news {mia.MUSE_RETRAINED_AUC['news']}, books {mia.MUSE_RETRAINED_AUC['books']})"
+        )
+    auc_result = _mink(round(mia.PRIVLEAK_K * 100), plus_plus=False)(ev)
+    return {
+        "value": mia.privleak(auc_result["value"], reference),
+        "higher_is_better": None,
+        "best": 0.0,
+        "auc": auc_result["value"],
+        "retrained_auc": reference,
+        "views": {"auc": auc_result["value"]},
+        "per_item": auc_result["per_item"],
+    }
+
+
+def recall_forget(ev: Evaluator) -> dict[str, Any]:
+    """Zero-shot exact-match QA recall on the forget set (the quick check training uses)."""
+    return _recall(ev, ev.benchmark.forget_qa, higher_is_better=False)
+
+
+def recall_retain(ev: Evaluator) -> dict[str, Any]:
+    """Zero-shot exact-match QA recall on the retain set."""
+    return _recall(ev, ev.benchmark.retain_qa, higher_is_better=True)
+
+
+def _recall(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool) -> dict[str, Any]:
+    result = qa_recall(ev.model, ev.tokenizer, pairs, batch_size=ev.settings.batch_size or 64)
+    result.update(higher_is_better=higher_is_better, best=None, views={})
+    return result
+
+
+_FIXED: dict[str, Callable[[Evaluator], dict[str, Any]]] = {
+    "verbmem_forget": verbmem_forget,
+    "knowmem_forget": knowmem_forget,
+    "knowmem_retain": knowmem_retain,
+    "ppl_general": ppl_general,
+    "privleak": privleak,
+    "mia_loss": mia_loss,
+    "mia_zlib": mia_zlib,
+    "mia_lowercase": mia_lowercase,
+    "recall_forget": recall_forget,
+    "recall_retain": recall_retain,
+}
+_MINK = re.compile(r"mia_mink(pp)?_(\d+)$")
+
+
+def metric_spec(name: str) -> Callable[[Evaluator], dict[str, Any]]:
+    """The function computing metric ``name`` (a :class:`ConfigError` names the choices)."""
+    if name in _FIXED:
+        return _FIXED[name]
+    match = _MINK.match(name)
+    if match and 1 <= int(match.group(2)) <= 100:
+        return _mink(int(match.group(2)), plus_plus=bool(match.group(1)))
+    raise ConfigError(
+        f"unknown metric {name!r}; choose from groups {', '.join(GROUPS)} or names {', '.join(_FIXED)}, "
+        "mia_mink_K, mia_minkpp_K (K in 1..100)"
+    )
+
+
+def resolve_metrics(names: str | Sequence[str]) -> list[str]:
+    """Metric names from a comma-separated list of names and groups, in order, without repeats."""
+    items = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    resolved: list[str] = []
+    for item in filter(None, items):
+        for name in GROUPS.get(item, (item,)):
+            metric_spec(name)
+            if name not in resolved:
+                resolved.append(name)
+    if not resolved:
+        raise ConfigError("no metric named; choose from " + ", ".join(GROUPS))
+    return resolved
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    benchmark: Benchmark,
+    metrics: str | Sequence[str] = DEFAULT_METRICS,
+    settings: EvalSettings | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Compute ``metrics`` (names or groups) of ``model`` on ``benchmark``."""
+    return Evaluator(model, tokenizer, benchmark, settings).run(resolve_metrics(metrics))

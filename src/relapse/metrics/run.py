@@ -1,0 +1,158 @@
+"""``relapse eval``: load a model, optionally attack it, compute metrics, write one JSON record."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+from relapse.data.benchmark import load_benchmark
+from relapse.errors import ConfigError
+from relapse.metrics.engine import DEFAULT_METRICS, EvalSettings, Evaluator, resolve_metrics
+from relapse.metrics.mia import MUSE_RETRAINED_AUC, PRIVLEAK_K
+from relapse.runtime import atomic_write_json, package_versions, seed_everything, set_threads
+
+RECORD_KIND = "relapse-eval"
+
+
+def retrained_auc_of(model: str, benchmark, settings: EvalSettings) -> float:
+    """The Min-40% AUC of a retrained model on ``benchmark`` (PrivLeak's reference)."""
+    from relapse.models.io import load_model
+
+    net, tokenizer = load_model(str(model))
+    name = f"mia_mink_{round(PRIVLEAK_K * 100)}"
+    return float(Evaluator(net, tokenizer, benchmark, settings).compute(name)["value"])
+
+
+def run_eval(
+    model: str,
+    data: str | Path,
+    metrics: str | None = None,
+    out: Path | None = None,
+    attack: str | None = None,
+    retrained: str | None = None,
+    retrained_auc: float | str | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    calibration: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (after ``attack``, applied temporarily) on the benchmark in ``data``.
+
+    ``metrics`` defaults to :data:`DEFAULT_METRICS`. ``retrained_auc`` may be a number or
+    ``news``/``books`` (MUSE's published retrained AUCs). Without a retrained reference the default list
+    drops ``privleak``; naming it explicitly is then an error. The record is written atomically to
+    ``out`` when given.
+    """
+    if out is not None and Path(out).exists() and not overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+    threads_used = set_threads(threads)
+    seed_everything(seed)
+    benchmark = load_benchmark(data)
+    settings = EvalSettings(batch_size=batch_size, progress=progress)
+    reference = _reference_auc(retrained, retrained_auc, benchmark, settings)
+    settings.retrained_auc = reference["auc"] if reference else None
+    names = resolve_metrics(metrics or DEFAULT_METRICS)
+    dropped = []
+    if reference is None and "privleak" in names:
+        if metrics is not None:
+            raise ConfigError(
+                "privleak needs the retrained model's AUC: pass --retrained MODEL or --retrained-auc X "
+                f"(MUSE's: news {MUSE_RETRAINED_AUC['news']}, books {MUSE_RETRAINED_AUC['books']})"
+            )
+        names.remove("privleak")
+        dropped.append("privleak (no --retrained or --retrained-auc)")
+
+    from relapse.models.io import load_model
+
+    net, tokenizer = load_model(str(model))
+    attack_record = None
+    stack = contextlib.ExitStack()
+    with stack:
+        if attack:
+            from relapse.attacks.base import AttackContext, applied
+            from relapse.attacks.calibration import read_calibration_file
+            from relapse.attacks.registry import get_attack
+
+            context = AttackContext(
+                tokenizer=tokenizer,
+                benchmark=benchmark,
+                seed=seed,
+                progress=progress,
+                calibration_texts=read_calibration_file(calibration) if calibration else [],
+            )
+            chosen = get_attack(attack)
+            info = stack.enter_context(applied(chosen, net, context))
+            attack_record = {"name": chosen.name, "kind": chosen.kind, "info": info}
+        results = Evaluator(net, tokenizer, benchmark, settings).run(names)
+    record = {
+        "kind": RECORD_KIND,
+        "model": str(model),
+        "data": str(data),
+        "attack": attack_record,
+        "retrained": reference,
+        "metrics": results,
+        "skipped": dropped,
+        "settings": settings.to_json(),
+        "seed": seed,
+        "threads": threads_used,
+        "versions": package_versions(),
+    }
+    if out is not None:
+        atomic_write_json(Path(out), record)
+    return record
+
+
+def _reference_auc(retrained, retrained_auc, benchmark, settings) -> dict[str, Any] | None:
+    if retrained and retrained_auc is not None:
+        raise ConfigError("give --retrained or --retrained-auc, not both")
+    if retrained:
+        return {"source": str(retrained), "auc": retrained_auc_of(retrained, benchmark, settings)}
+    if retrained_auc is None:
+        return None
+    if isinstance(retrained_auc, str) and retrained_auc in MUSE_RETRAINED_AUC:
+        return {"source": f"MUSE {retrained_auc}", "auc": MUSE_RETRAINED_AUC[retrained_auc]}
+    try:
+        value = float(retrained_auc)
+    except ValueError:
+        raise ConfigError(
+            f"--retrained-auc must be a number in (0, 1] or one of {', '.join(MUSE_RETRAINED_AUC)}, "
+            f"got {retrained_auc!r}"
+        ) from None
+    if not 0 < value <= 1:
+        raise ConfigError(f"--retrained-auc must be in (0, 1], got {value}")
+    return {"source": "given", "auc": value}
+
+
+def format_results(record: dict[str, Any]) -> str:
+    """The metrics of an eval record as an aligned table."""
+    rows = [("metric", "value", "goal", "views")]
+    for name, result in record["metrics"].items():
+        rows.append((name, _number(result["value"]), _goal(result), _views(result.get("views", {}))))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    for note in record.get("skipped", []):
+        lines.append(f"skipped: {note}")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
+def _goal(result: dict[str, Any]) -> str:
+    if result.get("higher_is_better") is True:
+        return "higher"
+    if result.get("higher_is_better") is False:
+        return "lower"
+    return f"near {result['best']:g}" if result.get("best") is not None else ""
+
+
+def _views(views: dict[str, float]) -> str:
+    return "  ".join(f"{name}={_number(value)}" for name, value in views.items())
