@@ -113,6 +113,8 @@ def quantize_sequentially(
     """Replace every decoder linear weight by ``quantize_fn(weight, stats, name)``, block by block."""
     blocks = decoder_blocks(model)
     names = {id(p): n for n, p in decoder_linear_weights(model).items()}
+    device = next(model.parameters()).device  # batches are tokenized on the CPU
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     captured: list[tuple[tuple, dict]] = []
 
     def capture(module, args, kwargs):
@@ -144,8 +146,8 @@ def quantize_sequentially(
 
 
 def _block_statistics(block, linears, inputs, captured, masks) -> dict[int, LayerStats]:
-    sums = {id(m): torch.zeros(m.in_features, m.in_features) for m in linears}
-    abs_sums = {id(m): torch.zeros(m.in_features) for m in linears}
+    sums = {id(m): torch.zeros(m.in_features, m.in_features, device=m.weight.device) for m in linears}
+    abs_sums = {id(m): torch.zeros(m.in_features, device=m.weight.device) for m in linears}
     counts = {id(m): 0 for m in linears}
     current_mask: list[torch.Tensor] = []
 

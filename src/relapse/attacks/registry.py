@@ -5,6 +5,8 @@
 - ``gptq-w4-g128``, ``gptq-w4-g128-sym``, ``gptq-w4-g128-act``: GPTQ on the same grids, calibrated on
   the benchmark's general text (``-act``: columns in decreasing Hessian-diagonal order).
 - ``awq-w4-g128``: AWQ's activation-aware channel scaling before RTN, calibrated the same way.
+- ``llmc-gptq-w4-g128``, ``llmc-awq-w4-g128`` (``-sym``): llm-compressor's own GPTQ and AWQ presets
+  (needs the llmcompressor package, in its own virtual environment).
 - ``gguf-q8_0``, ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_0``, ``gguf-q5_1``: llama.cpp block formats.
 - ``bnb-nf4``, ``bnb-fp4``, ``bnb-int8``: bitsandbytes formats (needs the bitsandbytes package).
 - ``noise-like-rtn-w4-g128``: Gaussian noise with the per-tensor RMS of that quantizer's error.
@@ -18,6 +20,7 @@ from relapse.attacks.awq import AWQAttack
 from relapse.attacks.base import Attack
 from relapse.attacks.deploy import DeploymentAttack
 from relapse.attacks.gptq import GPTQAttack
+from relapse.attacks.llmcompressor import LLMCompressorAttack, parse_llmc_name
 from relapse.attacks.relearn import RelearnAttack
 from relapse.attacks.rtn import parse_rtn_name
 from relapse.attacks.weights import NoiseAttack, PruneAttack, RTNAttack
@@ -32,6 +35,8 @@ EXAMPLES = (
     "rtn-w2-g64",
     "gptq-w4-g128",
     "awq-w4-g128",
+    "llmc-gptq-w4-g128",
+    "llmc-awq-w4-g128",
     "gguf-q4_0",
     "gguf-q8_0",
     "bnb-nf4",
@@ -55,6 +60,8 @@ def get_attack(name: str) -> Attack:
         return GPTQAttack(scheme, act_order=act_order)
     if text.startswith("awq-"):
         return AWQAttack(parse_rtn_name("rtn-" + text.removeprefix("awq-")))
+    if text.startswith("llmc-"):
+        return LLMCompressorAttack(*parse_llmc_name(text))
     if text.startswith(("gguf-", "bnb-")):
         family, _, fmt = text.partition("-")
         return DeploymentAttack(family, fmt)
