@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from html import escape
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from relapse.cli import main
+from relapse.experiment import load_experiment, shipped_experiment
 from tests.conftest import SMALL
 
 
@@ -87,22 +89,52 @@ def test_bad_option_value_is_exit_2(small_benchmark_dir, tmp_path, capsys):
     assert err.startswith("relapse: error:") and "--stop-recall" in err and "Traceback" not in err
 
 
-def test_demo_fast_runs_and_second_run_uses_the_cache(tmp_path):
+def test_demo_fast_end_to_end(tmp_path):
+    """`relapse demo --fast`: every cell audited, a verdict per method; a second run only reads."""
     cache = {"RELAPSE_CACHE": str(tmp_path / "cache"), "RELAPSE_THREADS": "1"}
-    first = _run(["demo", "--fast", "--out", str(tmp_path / "demo"), "--quiet"], cache, timeout=600)
+    out = tmp_path / "demo"
+    first = _run(["demo", "--fast", "--out", str(out), "--quiet"], cache, timeout=900)
     assert first.returncode == 0, first.stderr
-    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    rows = {row["model"]: row for row in summary["models"]}
-    assert rows["target"]["recall_forget"] >= 0.95 and rows["target"]["recall_retain"] >= 0.95
-    assert rows["retrained"]["recall_retain"] >= 0.95
-    assert rows["retrained"]["recall_forget"] <= 0.2, "the retrained model never saw the forget people"
-    assert summary["seed"] == 0 and "torch" in summary["versions"]
-    assert "target" in first.stdout and "retrained" in first.stdout
-    second = _run(["demo", "--fast", "--out", str(tmp_path / "demo"), "--quiet"], cache, timeout=600)
+    experiment = load_experiment(shipped_experiment("demo-fast"))
+    unlearned = list(experiment.unlearn_runs)
+    assert unlearned == ["ga+gdr", "npo+gdr", "sure"]
+    results = json.loads((out / "audit" / "results.json").read_text())
+    labels = ["target", "retrained", *unlearned]
+    assert {label: info["role"] for label, info in results["models"].items()} == {
+        "target": "target",
+        "retrained": "retrained",
+        **dict.fromkeys(unlearned, "unlearned"),
+    }
+    attacks = ["none", *experiment.attacks]
+    assert set(results["cells"]) == {f"{m}|{a}" for m in labels for a in attacks}
+
+    def value(model, metric):
+        return results["cells"][f"{model}|none"]["metrics"][metric]["value"]
+
+    assert value("target", "recall_forget") >= 0.95 and value("target", "recall_retain") >= 0.95
+    assert value("retrained", "recall_forget") <= 0.2, "the retrained model never saw the forget people"
+    assert value("retrained", "privleak") == pytest.approx(0.0, abs=1e-9)  # its own reference
+
+    html = (out / "audit" / "report.html").read_text(encoding="utf-8")
+    assert set(results["verdicts"]) == set(unlearned)
+    for label in unlearned:
+        text = results["verdicts"][label]["text"]
+        assert f"<strong>{escape(label)}</strong>" in html and escape(text) in html
+        assert any(line.startswith(label + " ") and line.endswith(text) for line in first.stdout.splitlines())
+
+    record = json.loads((out / "experiment.json").read_text())
+    assert record["seed"] == 0 and "torch" in record["versions"] and "relapse" in record["versions"]
+    assert record["verdicts"] == results["verdicts"]
+    assert list(record["models"]) == labels and not any(m["cached"] for m in record["models"].values())
+
+    second = _run(["demo", "--fast", "--out", str(out), "--quiet"], cache, timeout=900)
     assert second.returncode == 0, second.stderr
-    again = {row["model"]: row for row in json.loads((tmp_path / "demo" / "demo.json").read_text())["models"]}
-    assert again["target"]["cached"] and again["retrained"]["cached"]
-    assert again["target"]["path"] == rows["target"]["path"]
+    again = json.loads((out / "experiment.json").read_text())
+    assert all(again["models"][label]["cached"] for label in labels)
+    assert {k: m["path"] for k, m in again["models"].items()} == {
+        k: m["path"] for k, m in record["models"].items()
+    }
+    assert json.loads((out / "audit" / "results.json").read_text())["cells"] == results["cells"]
 
 
 @pytest.mark.slow

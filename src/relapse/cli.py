@@ -497,19 +497,178 @@ def _cmd_diff(args) -> int:
     return 0
 
 
+def _add_eval(subparsers) -> None:
+    from relapse.metrics.engine import DEFAULT_METRICS, GROUPS
+
+    groups = "; ".join(f"{name} = {', '.join(names)}" for name, names in GROUPS.items() if name != "mia")
+    p = subparsers.add_parser(
+        "eval",
+        help="measure forgetting and utility: VerbMem, KnowMem, PrivLeak, MIAs, perplexity",
+        description="Compute metrics of a model on a benchmark folder, optionally after an attack applied "
+        "in memory (the weights on disk are not changed), print a table and write a JSON record. Metric "
+        f"groups: {groups}; mia = LOSS, zlib, lowercase, Min-K%% and Min-K%%++ AUCs. See docs/metrics.md.",
+    )
+    p.add_argument("--model", required=True, help="model folder or hub id")
+    p.add_argument("--data", required=True, type=Path, help="benchmark folder")
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help=f"comma-separated metric names or groups (default {DEFAULT_METRICS}; privleak only with a "
+        "retrained reference)",
+    )
+    p.add_argument("--attack", default=None, help="evaluate after this attack, e.g. rtn-w4-g128")
+    p.add_argument("--calibration", type=Path, default=None, help="calibration text for GPTQ/AWQ attacks")
+    p.add_argument("--retrained", default=None, help="the retrained model, PrivLeak's reference")
+    p.add_argument(
+        "--retrained-auc",
+        default=None,
+        help="PrivLeak's reference AUC instead of --retrained: a number, or news / books for MUSE's",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: from free memory)")
+    p.add_argument("--out", type=Path, default=Path("eval.json"), help="JSON record (default ./eval.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--seed", type=int, default=0, help="seed for noise and relearning attacks (default 0)")
+    _add_common_training(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from relapse.errors import ConfigError
+    from relapse.metrics.run import format_results, run_eval
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    record = run_eval(
+        args.model,
+        args.data,
+        args.metrics,
+        out=args.out,
+        attack=args.attack,
+        retrained=args.retrained,
+        retrained_auc=args.retrained_auc,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        threads=args.threads,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        calibration=args.calibration,
+    )
+    title = args.model + (f" after {record['attack']['name']}" if record["attack"] else "")
+    print(title)
+    print(format_results(record))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def _add_audit(subparsers) -> None:
+    from relapse.audit.sweep import DEFAULT_ATTACKS, DEFAULT_AUDIT_METRICS
+
+    p = subparsers.add_parser(
+        "audit",
+        help="did the model really forget? sweep models x attacks x metrics and write the report",
+        description="Evaluate the target, the retrained reference and each unlearned model as they are and "
+        "under each attack (applied in memory, one load per model), write results.json after every cell "
+        "(a killed audit resumes where it stopped), compute the recovered share of the forgetting gap per "
+        "metric and attack, the weight diagnostics, a verdict per unlearned model, and the report "
+        "(report.md, report.html, plots). See docs/audit.md.",
+    )
+    p.add_argument("--target", required=True, help="the model before unlearning")
+    p.add_argument("--unlearned", required=True, nargs="+", help="one or more unlearned models")
+    p.add_argument("--retrained", default=None, help="the model trained without the forget set (control)")
+    p.add_argument("--data", required=True, type=Path, help="benchmark folder")
+    p.add_argument(
+        "--attacks",
+        default=",".join(DEFAULT_ATTACKS),
+        help=f"comma-separated (default {','.join(DEFAULT_ATTACKS)})",
+    )
+    p.add_argument(
+        "--metrics", default=DEFAULT_AUDIT_METRICS, help=f"names or groups (default {DEFAULT_AUDIT_METRICS})"
+    )
+    p.add_argument("--calibration", type=Path, default=None, help="calibration text for GPTQ/AWQ attacks")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="evaluation batch size (default: from memory)"
+    )
+    p.add_argument("--out", required=True, type=Path, help="folder for results.json and the report")
+    p.add_argument("--overwrite", action="store_true", help="replace an audit with other settings in --out")
+    p.add_argument("--seed", type=int, default=0, help="seed for noise and relearning attacks (default 0)")
+    _add_common_training(p)
+    p.set_defaults(func=_cmd_audit)
+
+
+def _cmd_audit(args) -> int:
+    from relapse.attacks.registry import parse_attacks
+    from relapse.audit.sweep import AuditConfig, run_audit
+    from relapse.metrics.engine import resolve_metrics
+
+    metrics = resolve_metrics(args.metrics)
+    if args.retrained is None and "privleak" in metrics:
+        metrics.remove("privleak")
+        print("note: no --retrained model, so no privleak (and no control for the recovery ratios)")
+    config = AuditConfig(
+        target=args.target,
+        unlearned=list(args.unlearned),
+        retrained=args.retrained,
+        data=str(args.data),
+        attacks=[a.name for a in parse_attacks(args.attacks)],
+        metrics=metrics,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        calibration=str(args.calibration) if args.calibration else None,
+    )
+    results = run_audit(
+        config,
+        args.out,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        progress=not args.quiet,
+        log=None if args.quiet else print,
+    )
+    from relapse.demo import verdict_table
+    from relapse.report import build_report
+
+    paths = build_report(args.out)
+    print(verdict_table(results))
+    print(f"\nreport: {paths['report.html']}")
+    return 0
+
+
+def _add_report(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="rebuild an audit's report from its results.json",
+        description="Recompute recovery ratios and verdicts from DIR/results.json and write report.md, "
+        "report.html and the plots into DIR (nothing is evaluated again).",
+    )
+    p.add_argument("directory", type=Path, help="an audit's --out folder")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    from relapse.audit.recovery import finish
+    from relapse.demo import verdict_table
+    from relapse.report import build_report, load_results
+
+    paths = build_report(args.directory)
+    print(verdict_table(finish(load_results(args.directory))))
+    print(f"\nreport: {paths['report.html']}")
+    return 0
+
+
 def _add_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="run the main job on the built-in benchmark",
+        help="run the main job on the built-in benchmark: train, unlearn, attack, audit, report",
         description="Generate the built-in benchmark, train the target (forget + retain) and retrained "
-        "(retain only) models, cached, and print their QA recall. Later versions go on to unlearn, attack "
-        "and audit.",
+        "(retain only) models, unlearn with GA, GA+GDR, NPO, NPO+GDR, NPO+KLR, SURE and NPO+GDR in "
+        "bfloat16, audit every model under quantization, relearning and noise, print a verdict per "
+        "method and write the report. Runs the shipped experiment file demo.yaml (see docs/experiments.md); "
+        "models are cached, so a second run takes a fraction of the time.",
     )
     p.add_argument(
         "--out", type=Path, default=Path("relapse-demo"), help="output folder (default ./relapse-demo)"
     )
-    p.add_argument("--fast", action="store_true", help="a small benchmark that runs in about a minute")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--fast", action="store_true", help="a smaller version that runs in about two minutes")
+    p.add_argument("--overwrite", action="store_true", help="replace an audit with other settings in --out")
     _add_common_training(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -517,12 +676,58 @@ def _add_demo(subparsers) -> None:
 def _cmd_demo(args) -> int:
     from relapse.demo import run_demo
 
-    summary = run_demo(
-        args.out, fast=args.fast, seed=args.seed, threads=args.threads, progress=not args.quiet
+    result = run_demo(
+        args.out,
+        fast=args.fast,
+        threads=args.threads,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        log=None if args.quiet else print,
     )
-    print(summary.table())
-    print(f"\nwrote {summary.summary_path}")
+    _print_experiment(result)
     return 0
+
+
+def _add_run(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run an experiment file: data, training, unlearning, audit and report",
+        description="Run every step of a YAML experiment file (see docs/experiments.md; `relapse demo` "
+        "runs the shipped demo.yaml). Each step is cached or resumable, so a rerun only reads.",
+    )
+    p.add_argument("experiment", type=Path, help="the experiment file (.yaml)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an audit with other settings in --out")
+    _add_common_training(p)
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args) -> int:
+    from relapse.experiment import load_experiment, run_experiment
+
+    result = run_experiment(
+        load_experiment(args.experiment),
+        args.out,
+        threads=args.threads,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        log=None if args.quiet else print,
+    )
+    _print_experiment(result)
+    return 0
+
+
+def _print_experiment(result) -> None:
+    from relapse.demo import models_table, verdict_table
+
+    print()
+    print(models_table(result))
+    print()
+    print(verdict_table(result.results))
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"\nreport: {result.report['report.html']}")
+    print(f"took {result.seconds:.0f} s; results in {result.out / 'audit' / 'results.json'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -544,6 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_unlearn(commands)
     _add_attack(commands)
     _add_diff(commands)
+    _add_eval(commands)
+    _add_audit(commands)
+    _add_report(commands)
+    _add_run(commands)
     _add_demo(commands)
     return parser
 

@@ -1,1 +1,5 @@
-"""Audit: coming in later issues (see the tracker)."""
+"""The audit: models x attacks x metrics, recovery ratios, diagnostics and verdicts."""
+
+from relapse.audit.recovery import finish, recovery_ratio, recovery_table, verdict
+
+__all__ = ["finish", "recovery_ratio", "recovery_table", "verdict"]

@@ -210,7 +210,7 @@ def run_loop(
                 if should_stop is not None and should_stop(metrics):
                     entry["stopped"] = stopped_early = True
                 history.append(entry)
-                if is_main:
+                if is_main and progress:
                     bar.write(
                         f"{description}: step {step} "
                         + " ".join(f"{k}={_fmt(v)}" for k, v in entry.items() if k != "step")

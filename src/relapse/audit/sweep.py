@@ -1,0 +1,290 @@
+"""The audit: models x attacks x metrics, one load per model, resumable cell by cell.
+
+Every model (target, retrained, each unlearned one) is loaded once; every attack is applied temporarily
+(:func:`relapse.attacks.applied` restores the exact weights), the metrics are computed, and the cell is
+written into ``results.json`` at once (atomically), with its per-item details in ``items/``. A killed
+audit started again with the same settings skips every finished cell and recomputes none; different
+settings in the same folder are refused unless ``overwrite``.
+
+``results.json``::
+
+    {"kind": "relapse-audit", "config": {...}, "config_hash": str,
+     "models": {label: {"role": "target" | "retrained" | "unlearned", "path": str}},
+     "cells": {"label|attack": {"model", "attack", "metrics": {name: {value, higher_is_better, best,
+               views}}, "attack_info": {...}, "seconds": float}},
+     "diagnostics": {label: {attack: {mean_abs_dw, mean_dw_over_step, share_below_half_step,
+                     codes_changed, projection}}},
+     "recovery": {label: {attack: {metric: ratio | None, "metric:control": ratio | None}}},
+     "verdicts": {label: {"status", "text", ...}}, "seed": int, "versions": {...}}
+
+The attack ``none`` is the model as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relapse.attacks.base import AttackContext, applied
+from relapse.attacks.registry import get_attack
+from relapse.audit.recovery import NO_ATTACK, cell_key, finish
+from relapse.data.benchmark import benchmark_files, load_benchmark
+from relapse.errors import ConfigError
+from relapse.metrics.engine import EvalSettings, Evaluator, resolve_metrics
+from relapse.runtime import (
+    atomic_write_json,
+    hash_files,
+    package_versions,
+    seed_everything,
+    set_threads,
+    stable_hash,
+)
+
+RESULTS_NAME = "results.json"
+
+#: The attacks of an audit when none are named (the issue's list; bnb-nf4 needs bitsandbytes).
+DEFAULT_ATTACKS = (
+    "rtn-w8-ch",
+    "rtn-w4-g128",
+    "gptq-w4-g128",
+    "bnb-nf4",
+    "relearn-retain-25",
+    "noise-like-rtn-w4-g128",
+)
+DEFAULT_AUDIT_METRICS = "verbmem,knowmem,privleak,utility,recall,mia_loss,mia_mink_40"
+
+
+@dataclass
+class AuditConfig:
+    """What an audit sweeps; its hash guards a results folder against mixing runs."""
+
+    target: str
+    unlearned: list[str]
+    data: str
+    retrained: str | None = None
+    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
+    metrics: list[str] = field(default_factory=lambda: resolve_metrics(DEFAULT_AUDIT_METRICS))
+    labels: dict[str, str] = field(default_factory=dict)  # path -> label; default: the folder name
+    seed: int = 0
+    batch_size: int | None = None
+    calibration: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_labels(config: AuditConfig) -> dict[str, dict[str, str]]:
+    """``{label: {role, path}}`` with unique labels (folder names unless ``config.labels`` says)."""
+    entries = [(config.target, "target")]
+    if config.retrained:
+        entries.append((config.retrained, "retrained"))
+    entries += [(path, "unlearned") for path in config.unlearned]
+    models: dict[str, dict[str, str]] = {}
+    for path, role in entries:
+        base = config.labels.get(path) or Path(path.rstrip("/")).name or role
+        label, n = base, 2
+        while label in models:
+            label, n = f"{base}-{n}", n + 1
+        models[label] = {"role": role, "path": path}
+    return models
+
+
+def _config_hash(config: AuditConfig) -> str:
+    from relapse.models.train import model_identity
+
+    return stable_hash(
+        {
+            "config": config.to_json(),
+            "models": {
+                p: model_identity(p) for p in [config.target, config.retrained, *config.unlearned] if p
+            },
+            "data": hash_files(benchmark_files(Path(config.data))),
+        }
+    )
+
+
+def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> dict[str, Any]:
+    key = _config_hash(config)
+    path = out / RESULTS_NAME
+    if path.exists():
+        try:
+            existing = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            existing = None
+        if existing and existing.get("config_hash") == key:
+            return existing
+        if not overwrite:
+            raise ConfigError(
+                f"{path} holds an audit with other settings, models or data; pass --overwrite to replace "
+                "it or choose another --out"
+            )
+        shutil.rmtree(out / "items", ignore_errors=True)
+    elif out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    return {
+        "kind": "relapse-audit",
+        "config": config.to_json(),
+        "config_hash": key,
+        "models": model_labels(config),
+        "cells": {},
+        "diagnostics": {},
+        "seed": config.seed,
+    }
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: result.get(k) for k in ("value", "higher_is_better", "best", "views", "seconds")}
+
+
+def _small_info(info: dict[str, Any]) -> dict[str, Any]:
+    """The scalar parts of an attack's record (lists of tensor names go to the items file)."""
+    return {k: v for k, v in info.items() if isinstance(v, int | float | str | bool) or v is None}
+
+
+def run_audit(
+    config: AuditConfig,
+    out: str | Path,
+    overwrite: bool = False,
+    threads: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict[str, Any]:
+    """Run (or resume) the audit into ``out``; returns the final results (also in ``results.json``)."""
+    from relapse.attacks.calibration import read_calibration_file
+    from relapse.models.io import load_model
+
+    out = Path(out)
+    attacks = [get_attack(name) for name in config.attacks]  # unknown names fail before any work
+    config.attacks = [a.name for a in attacks]
+    config.metrics = resolve_metrics(config.metrics)
+    if "privleak" in config.metrics and not config.retrained:
+        raise ConfigError(
+            "privleak needs the retrained model: pass --retrained or drop privleak from --metrics"
+        )
+    results = _open_results(out, config, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    threads_used = set_threads(threads)
+    benchmark = load_benchmark(config.data)
+    calibration = read_calibration_file(config.calibration) if config.calibration else []
+    results.update(threads=threads_used, versions=package_versions())
+    settings = EvalSettings(batch_size=config.batch_size)
+    models = results["models"]
+    order = sorted(models, key=lambda label: {"retrained": 0, "target": 1}.get(models[label]["role"], 2))
+    for label in order:  # retrained first: PrivLeak of every other model needs its AUC
+        todo = [a for a in [NO_ATTACK, *config.attacks] if cell_key(label, a) not in results["cells"]]
+        if not todo:
+            continue
+        net, tokenizer = load_model(models[label]["path"])
+        for attack_name in todo:
+            seed_everything(config.seed)
+            settings.retrained_auc = _retrained_auc(results, attack_name)
+            started = time.perf_counter()
+            if attack_name == NO_ATTACK:
+                metrics, info = _measure(net, tokenizer, benchmark, settings, config.metrics), {}
+            else:
+                attack = attacks[config.attacks.index(attack_name)]
+                context = AttackContext(
+                    tokenizer=tokenizer,
+                    benchmark=benchmark,
+                    seed=config.seed,
+                    progress=progress,
+                    calibration_texts=calibration,
+                )
+                with applied(attack, net, context) as info:
+                    metrics = _measure(net, tokenizer, benchmark, settings, config.metrics)
+            seconds = time.perf_counter() - started
+            atomic_write_json(
+                out / "items" / label / f"{attack_name}.json",
+                {"model": label, "attack": attack_name, "attack_info": info, "metrics": metrics},
+            )
+            results["cells"][cell_key(label, attack_name)] = {
+                "model": label,
+                "attack": attack_name,
+                "metrics": {name: _summary(r) for name, r in metrics.items()},
+                "attack_info": _small_info(info),
+                "seconds": seconds,
+            }
+            atomic_write_json(out / RESULTS_NAME, results)
+            if log:
+                log(_cell_line(label, attack_name, metrics, seconds))
+        del net
+    results["diagnostics"] = _diagnostics(results, config)
+    finish(results)
+    atomic_write_json(out / RESULTS_NAME, results)
+    return results
+
+
+def _retrained_auc(results: dict[str, Any], attack: str) -> float | None:
+    """PrivLeak's reference: the retrained model's Min-40% AUC, unattacked (as MUSE compares)."""
+    for label, info in results["models"].items():
+        if info["role"] == "retrained":
+            cell = results["cells"].get(cell_key(label, NO_ATTACK))
+            if cell and "privleak" in cell["metrics"]:
+                return cell["metrics"]["privleak"]["views"]["auc"]
+            return None
+    return None
+
+
+def _measure(net, tokenizer, benchmark, settings, metrics: Sequence[str]) -> dict[str, Any]:
+    names = list(metrics)
+    if "privleak" in names and settings.retrained_auc is None:
+        # the retrained model's own unattacked cell: its AUC is the reference, PrivLeak 0 by definition
+        evaluator = Evaluator(net, tokenizer, benchmark, settings)
+        settings.retrained_auc = evaluator.compute("mia_mink_40")["value"]
+        return evaluator.run(names)
+    return Evaluator(net, tokenizer, benchmark, settings).run(names)
+
+
+def _cell_line(label: str, attack: str, metrics: dict[str, Any], seconds: float) -> str:
+    shown = ", ".join(f"{name}={r['value']:.3g}" for name, r in list(metrics.items())[:4])
+    return f"audit {label} | {attack}: {shown} ({seconds:.1f} s)"
+
+
+def _diagnostics(results: dict[str, Any], config: AuditConfig) -> dict[str, Any]:
+    """Weight diagnostics of each unlearned model against the target under each grid-based attack."""
+    from relapse.attacks.diagnostics import weight_diagnostics
+    from relapse.models.io import load_model
+    from relapse.models.parts import decoder_linear_weights
+
+    schemes = {name: diagnostic_scheme(name) for name in config.attacks}
+    schemes = {name: scheme for name, scheme in schemes.items() if scheme is not None}
+    if not schemes:
+        return {}
+    models = results["models"]
+    target_label = next(label for label, info in models.items() if info["role"] == "target")
+    target, _ = load_model(models[target_label]["path"])
+    names = sorted(decoder_linear_weights(target))
+    target_state = target.state_dict()
+    report: dict[str, Any] = {}
+    for label, info in models.items():
+        if info["role"] != "unlearned":
+            continue
+        model, _ = load_model(info["path"])
+        state = model.state_dict()
+        report[label] = {
+            attack: weight_diagnostics(target_state, state, names, scheme)["total"]
+            for attack, scheme in schemes.items()
+        }
+    return report
+
+
+def diagnostic_scheme(attack_name: str):
+    """The RTN grid an attack rounds to (GPTQ and AWQ round to RTN's grid), or ``None`` for attacks that
+    do not round to a grid (noise, pruning, relearning, the deployment formats)."""
+    from relapse.attacks.rtn import parse_rtn_name
+
+    name = attack_name
+    for prefix in ("gptq-", "awq-"):
+        if name.startswith(prefix):
+            name = "rtn-" + name.removeprefix(prefix).removesuffix("-act")
+    if not name.startswith("rtn-"):
+        return None
+    try:
+        return parse_rtn_name(name)
+    except ConfigError:
+        return None

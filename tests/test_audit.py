@@ -1,0 +1,472 @@
+"""The audit: recovery ratios and verdicts on hand-built results, then a real small audit on a tiny model."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from relapse.attacks.rtn import QuantScheme
+from relapse.audit import sweep
+from relapse.audit.recovery import finish, recovery_ratio, recovery_table, share_of_gap, verdict
+from relapse.audit.sweep import AuditConfig, diagnostic_scheme, run_audit
+from relapse.cli import main
+from relapse.data.benchmark import load_benchmark
+from relapse.errors import ConfigError
+from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+from relapse.metrics.engine import EvalSettings, Evaluator
+from relapse.models.io import load_model
+from relapse.models.parts import decoder_linear_weights
+
+# --- recovery ratios on constructed values -----------------------------------------------------------
+
+
+def test_recovery_ratio_is_the_recovered_share_of_the_gap():
+    assert recovery_ratio(70, 20, 100) == 0.625  # (70 - 20) / (100 - 20)
+    assert recovery_ratio(20, 20, 100) == 0.0
+    assert recovery_ratio(100, 20, 100) == 1.0
+    assert recovery_ratio(10, 20, 100) == pytest.approx(-0.125)
+    assert share_of_gap(40.0, 20.0, 100.0) == 0.5
+
+
+def test_recovery_ratio_needs_a_gap_above_min_gap():
+    # min_gap(100) = 1e-6 + 1: a gap of 1 is too small, a gap of 2 is not.
+    assert recovery_ratio(100, 99, 100) is None
+    assert recovery_ratio(100, 99.5, 100) is None
+    assert recovery_ratio(100, 98, 100) == 1.0
+    assert recovery_ratio(0.5, 0.0, 0.0) is None  # no gap at all
+
+
+def test_recovery_ratio_direction_of_the_gap():
+    # A forget metric (lower = forgotten) where the unlearned model scores above the target: nothing to
+    # recover. A two-sided metric (higher_is_better None) may have a negative gap.
+    assert recovery_ratio(50, 60, 40, higher_is_better=False) is None
+    assert recovery_ratio(50, 60, 40, higher_is_better=None) == 0.5  # (50 - 60) / (40 - 60)
+    assert recovery_ratio(50, 60, 40) == 0.5
+    assert recovery_ratio(60, 20, 100, higher_is_better=False) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("attacked", "unlearned", "target"),
+    [(None, 20, 100), (70, None, 100), (70, 20, None), (math.nan, 20.0, 100.0), (70.0, math.nan, 100.0)],
+)
+def test_recovery_ratio_missing_values_give_none(attacked, unlearned, target):
+    assert recovery_ratio(attacked, unlearned, target) is None
+
+
+def test_recovery_ratio_nan_target_gives_none():
+    assert recovery_ratio(70.0, 20.0, math.nan) is None
+    assert share_of_gap(None, 20.0, 100.0) is None
+
+
+# --- recovery table and verdicts on a hand-built results dict ----------------------------------------
+
+ATTACKS = ["rtn-w4-g128", "relearn-retain-25", "noise-like-rtn-w4-g128"]
+# knowmem_forget (lower = forgotten) per model and attack; a missing attack is an unmeasured cell.
+# Gap of every unlearned model: target 100 - unlearned 20 = 80. Retrained control per attack:
+# rtn (40 - 40) / 80 = 0, relearn (64 - 40) / 80 = 30%, noise (16 - 40) / 80 = -30% (counted as 0).
+KNOWMEM = {
+    "target": {"none": 100, "rtn-w4-g128": 100, "relearn-retain-25": 100, "noise-like-rtn-w4-g128": 100},
+    "retrained": {"none": 40, "rtn-w4-g128": 40, "relearn-retain-25": 64, "noise-like-rtn-w4-g128": 16},
+    # rtn 32/80 = 40% (net 40%: relapse); relearn 40% - 30% = 10%; noise 16/80 = 20% (net 20%)
+    "uncovers": {"none": 20, "rtn-w4-g128": 52, "relearn-retain-25": 52, "noise-like-rtn-w4-g128": 36},
+    # relearning brings back 40% but the control moves 30%: net 10% < 25%
+    "teaches": {"none": 20, "rtn-w4-g128": 20, "relearn-retain-25": 52, "noise-like-rtn-w4-g128": 20},
+    # gap 0.5 < min_gap(100): did not forget
+    "never": {"none": 99.5, "rtn-w4-g128": 99.5, "relearn-retain-25": 99.5, "noise-like-rtn-w4-g128": 99.5},
+    # only one attack measured (5/80 = 6.25%)
+    "partial": {"none": 20, "rtn-w4-g128": 25},
+    # rtn 40/80 = 50% (net 50%), relearn 52/80 = 65% (net 35%): two relapses, rtn first
+    "both": {"none": 20, "rtn-w4-g128": 60, "relearn-retain-25": 72, "noise-like-rtn-w4-g128": 20},
+}
+UNLEARNED = ["uncovers", "teaches", "never", "partial", "both"]
+
+
+def hand_results(metrics: tuple[str, ...] = ("knowmem_forget",)) -> dict:
+    roles = {"target": "target", "retrained": "retrained", **{m: "unlearned" for m in UNLEARNED}}
+    cells = {}
+    for label, values in KNOWMEM.items():
+        for attack, value in values.items():
+            entry = {"value": value, "higher_is_better": False, "best": None, "views": {}}
+            cells[f"{label}|{attack}"] = {
+                "model": label,
+                "attack": attack,
+                "metrics": {m: dict(entry) for m in metrics},
+            }
+    return {
+        "kind": "relapse-audit",
+        "config": {"attacks": list(ATTACKS), "metrics": list(metrics)},
+        "models": {label: {"role": role, "path": f"/models/{label}"} for label, role in roles.items()},
+        "cells": cells,
+    }
+
+
+def test_recovery_table_on_hand_built_results():
+    table = recovery_table(hand_results())
+    assert set(table) == set(UNLEARNED)
+    row = table["uncovers"]
+    assert row["rtn-w4-g128"]["knowmem_forget"] == pytest.approx(0.4)
+    assert row["rtn-w4-g128"]["knowmem_forget:control"] == pytest.approx(0.0)
+    assert row["relearn-retain-25"]["knowmem_forget"] == pytest.approx(0.4)
+    assert row["relearn-retain-25"]["knowmem_forget:control"] == pytest.approx(0.3)
+    assert row["noise-like-rtn-w4-g128"]["knowmem_forget"] == pytest.approx(0.2)
+    assert row["noise-like-rtn-w4-g128"]["knowmem_forget:control"] == pytest.approx(-0.3)
+    assert table["partial"]["rtn-w4-g128"]["knowmem_forget"] == pytest.approx(0.0625)
+    assert table["partial"]["relearn-retain-25"]["knowmem_forget"] is None  # the cell is missing
+    assert all(v is None for attack in ATTACKS for v in table["never"][attack].values())
+
+
+def test_verdict_relapses_names_the_attack_and_the_share():
+    results = hand_results()
+    found = verdict(results, "uncovers")
+    assert found["status"] == "relapses"
+    assert found["text"] == (
+        "relapses under rtn-w4-g128: 40% of the knowmem_forget gap recovered (retrained control: 0%)"
+    )
+    assert [r["attack"] for r in found["relapses"]] == ["rtn-w4-g128"]
+    assert found["relapses"][0]["recovered"] == pytest.approx(0.4)
+    assert found["relapses"][0]["net_of_control"] == pytest.approx(0.4)
+
+
+def test_verdict_nets_out_the_retrained_control():
+    found = verdict(hand_results(), "teaches")  # 40% recovered - 30% control = 10% < 25%
+    assert found["status"] == "holds"
+    assert found["text"] == "forgetting holds under all 3 attacks"
+    assert found["relapses"] == []
+
+
+def test_verdict_several_relapses_sorted_by_net_share():
+    found = verdict(hand_results(), "both")
+    assert found["status"] == "relapses"
+    assert [r["attack"] for r in found["relapses"]] == ["rtn-w4-g128", "relearn-retain-25"]
+    assert [r["net_of_control"] for r in found["relapses"]] == pytest.approx([0.5, 0.35])
+    assert found["text"] == (
+        "relapses under rtn-w4-g128, relearn-retain-25: 50% of the knowmem_forget gap recovered under "
+        "rtn-w4-g128 (retrained control: 0%)"
+    )
+
+
+def test_verdict_not_forgotten_when_there_is_no_gap():
+    found = verdict(hand_results(), "never")
+    assert found["status"] == "not-forgotten"
+    assert found["text"] == "did not forget: knowmem_forget 99.5 vs target 100"
+
+
+def test_verdict_counts_only_measured_attacks():
+    found = verdict(hand_results(), "partial")
+    assert found["status"] == "holds"
+    assert found["text"] == "forgetting holds under all 1 attacks"
+
+
+def test_verdict_unknown_without_a_verdict_metric():
+    results = hand_results(metrics=("mia_loss",))
+    assert verdict(results, "uncovers")["status"] == "unknown"
+
+
+def test_finish_adds_recovery_and_verdicts_and_replaces_stale_ones():
+    results = hand_results()
+    results["verdicts"] = {"gone": {"status": "holds"}}
+    results["recovery"] = {"gone": {}}
+    expected_table = recovery_table(copy.deepcopy(results))
+    assert finish(results) is results
+    assert results["recovery"] == expected_table
+    assert set(results["verdicts"]) == set(UNLEARNED)
+    statuses = {label: v["status"] for label, v in results["verdicts"].items()}
+    assert statuses == {
+        "uncovers": "relapses",
+        "teaches": "holds",
+        "never": "not-forgotten",
+        "partial": "holds",
+        "both": "relapses",
+    }
+
+
+# --- diagnostic schemes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gptq-w4-g128", "awq-w4-g128", "gptq-w4-g128-act", "rtn-w4-g128"])
+def test_diagnostic_scheme_of_grid_attacks(name):
+    assert diagnostic_scheme(name) == QuantScheme(4, 128, False)
+
+
+def test_diagnostic_scheme_per_channel_and_symmetric():
+    assert diagnostic_scheme("rtn-w8-ch") == QuantScheme(8, None, False)
+    assert diagnostic_scheme("gptq-w3-g64-sym") == QuantScheme(3, 64, True)
+
+
+@pytest.mark.parametrize(
+    "name", ["noise-like-rtn-w4-g128", "bnb-nf4", "relearn-retain-25", "prune-30", "gguf-q4_0"]
+)
+def test_diagnostic_scheme_none_for_attacks_without_a_grid(name):
+    assert diagnostic_scheme(name) is None
+
+
+# --- a real small audit ------------------------------------------------------------------------------
+
+AUDIT_ATTACKS = ["rtn-w8-ch", "rtn-w4-g128", "noise-like-rtn-w4-g128"]
+AUDIT_METRICS = ["recall_forget", "knowmem_forget", "mia_loss"]
+
+
+@pytest.fixture(scope="module")
+def unlearned_small(trained_small, small_benchmark_dir, tmp_path_factory):
+    """Five steps of gradient ascent on the trained tiny model: enough to forget most forget QA pairs."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("unlearned") / "ga"
+    config = UnlearnConfig(method="ga", lr=1e-4, max_steps=5, eval_every=5)
+    return unlearn_model(trained_small.path, small_benchmark_dir, out, config, threads=1, progress=False)
+
+
+def folder_digest(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def audited(trained_small, unlearned_small, small_benchmark_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit") / "run"
+    before = {p: folder_digest(p) for p in (trained_small.path, unlearned_small.path)}
+    config = AuditConfig(
+        target=str(trained_small.path),
+        unlearned=[str(unlearned_small.path)],
+        data=str(small_benchmark_dir),
+        attacks=list(AUDIT_ATTACKS),
+        metrics=list(AUDIT_METRICS),
+    )
+    results = run_audit(config, out, threads=1, progress=False, log=None)
+    return {"out": out, "results": results, "before": before}
+
+
+def test_audit_writes_every_cell_and_item_file(audited):
+    out, results = audited["out"], audited["results"]
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["models"] == {
+        "target": {"role": "target", "path": on_disk["config"]["target"]},
+        "ga": {"role": "unlearned", "path": on_disk["config"]["unlearned"][0]},
+    }
+    expected = {f"{m}|{a}" for m in ("target", "ga") for a in ["none", *AUDIT_ATTACKS]}
+    assert set(on_disk["cells"]) == expected
+    for key, cell in on_disk["cells"].items():
+        label, attack = key.split("|")
+        assert (cell["model"], cell["attack"]) == (label, attack)
+        assert list(cell["metrics"]) == AUDIT_METRICS
+        items = json.loads((out / "items" / label / f"{attack}.json").read_text())
+        assert (items["model"], items["attack"]) == (label, attack)
+        for name in AUDIT_METRICS:
+            assert items["metrics"][name]["value"] == cell["metrics"][name]["value"]
+        n_forget_qa = len(items["metrics"]["recall_forget"]["per_item"])
+        # recall is a share of forget QA pairs answered: a whole number of them
+        assert cell["metrics"]["recall_forget"]["value"] * n_forget_qa == pytest.approx(
+            round(cell["metrics"]["recall_forget"]["value"] * n_forget_qa)
+        )
+    assert on_disk["cells"]["target|none"]["metrics"]["recall_forget"]["value"] == 1.0
+    assert on_disk["cells"]["ga|none"]["metrics"]["recall_forget"]["value"] < 0.5
+    assert on_disk["verdicts"] == results["verdicts"] and set(on_disk["verdicts"]) == {"ga"}
+
+
+def test_audit_none_cell_equals_a_direct_evaluation(
+    audited, trained_small, unlearned_small, small_benchmark_dir
+):
+    cells = audited["results"]["cells"]
+    benchmark = load_benchmark(small_benchmark_dir)
+    for label, path in (("target", trained_small.path), ("ga", unlearned_small.path)):
+        net, tokenizer = load_model(str(path))
+        direct = Evaluator(net, tokenizer, benchmark, EvalSettings()).run(AUDIT_METRICS)
+        for name in AUDIT_METRICS:
+            assert cells[f"{label}|none"]["metrics"][name]["value"] == direct[name]["value"], (label, name)
+
+
+def test_audit_leaves_weights_on_disk_unchanged(audited, trained_small, unlearned_small):
+    for path, digest in audited["before"].items():
+        assert folder_digest(path) == digest
+
+
+def test_audit_recovery_matches_the_cells(audited):
+    results = audited["results"]
+    cells = results["cells"]
+
+    def value(label, attack, metric):
+        return cells[f"{label}|{attack}"]["metrics"][metric]["value"]
+
+    for attack in AUDIT_ATTACKS:
+        for metric in ("recall_forget", "knowmem_forget"):
+            t, u, a = (
+                value("target", "none", metric),
+                value("ga", "none", metric),
+                value("ga", attack, metric),
+            )
+            assert results["recovery"]["ga"][attack][metric] == pytest.approx((a - u) / (t - u))
+        assert not any(k.endswith(":control") for k in results["recovery"]["ga"][attack])  # no retrained
+
+
+def test_audit_diagnostics_for_grid_attacks_only(audited, trained_small, unlearned_small):
+    diagnostics = audited["results"]["diagnostics"]
+    assert set(diagnostics) == {"ga"}
+    assert set(diagnostics["ga"]) == {"rtn-w8-ch", "rtn-w4-g128"}  # noise rounds to no grid
+    target, _ = load_model(str(trained_small.path))
+    changed, _ = load_model(str(unlearned_small.path))
+    names = decoder_linear_weights(target)
+    a, b = target.state_dict(), changed.state_dict()
+    elements = sum(a[n].numel() for n in names)
+    mean_abs_dw = sum(float((b[n] - a[n]).abs().sum()) for n in names) / elements
+    assert mean_abs_dw > 0
+    for attack in ("rtn-w8-ch", "rtn-w4-g128"):
+        total = diagnostics["ga"][attack]
+        assert total["elements"] == elements
+        assert total["mean_abs_dw"] == pytest.approx(mean_abs_dw, rel=1e-5)
+    # a 4-bit step is about 16 times an 8-bit one: the same update is a smaller share of it
+    assert (
+        diagnostics["ga"]["rtn-w4-g128"]["mean_dw_over_step"]
+        < diagnostics["ga"]["rtn-w8-ch"]["mean_dw_over_step"]
+    )
+
+
+# --- resuming ---------------------------------------------------------------------------------------
+
+
+class Stop(Exception):
+    """Raised from the log callback to interrupt an audit between cells."""
+
+
+def resume_config(trained_small, unlearned_small, data, **overrides) -> AuditConfig:
+    settings = {
+        "target": str(trained_small.path),
+        "unlearned": [str(unlearned_small.path)],
+        "data": str(data),
+        "attacks": ["rtn-w8-ch", "rtn-w4-g128", "prune-30"],
+        "metrics": ["recall_forget"],
+    }
+    settings.update(overrides)
+    return AuditConfig(**settings)
+
+
+def test_interrupted_audit_resumes_computing_only_missing_cells(
+    trained_small, unlearned_small, small_benchmark_dir, tmp_path, monkeypatch
+):
+    out = tmp_path / "audit"
+    lines: list[str] = []
+
+    def stop_after_three(line):
+        lines.append(line)
+        if len(lines) == 3:
+            raise Stop
+
+    config = resume_config(trained_small, unlearned_small, small_benchmark_dir)
+    with pytest.raises(Stop):
+        run_audit(config, out, threads=1, progress=False, log=stop_after_three)
+    first = json.loads((out / "results.json").read_text())
+    done = ["target|none", "target|rtn-w8-ch", "target|rtn-w4-g128"]
+    assert list(first["cells"]) == done
+    assert "verdicts" not in first
+    done_items = {k: (out / "items" / k.replace("|", "/")).with_suffix(".json").read_bytes() for k in done}
+
+    measured = []
+    real_measure = sweep._measure
+
+    def counting_measure(*args, **kwargs):
+        measured.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "_measure", counting_measure)
+    computed: list[str] = []
+    config = resume_config(trained_small, unlearned_small, small_benchmark_dir)
+    results = run_audit(config, out, threads=1, progress=False, log=computed.append)
+    missing = ["target|prune-30", "ga|none", "ga|rtn-w8-ch", "ga|rtn-w4-g128", "ga|prune-30"]
+    assert len(measured) == len(missing)
+    assert [line.split(": ")[0].removeprefix("audit ").replace(" | ", "|") for line in computed] == missing
+    second = json.loads((out / "results.json").read_text())
+    assert set(second["cells"]) == set(done) | set(missing)
+    for key in done:
+        assert json.dumps(second["cells"][key], sort_keys=True) == json.dumps(
+            first["cells"][key], sort_keys=True
+        )
+        assert (out / "items" / key.replace("|", "/")).with_suffix(".json").read_bytes() == done_items[key]
+    assert set(results["verdicts"]) == {"ga"}
+
+    # A third run with the same settings computes nothing.
+    measured.clear()
+    again = resume_config(trained_small, unlearned_small, small_benchmark_dir)
+    run_audit(again, out, threads=1, progress=False, log=None)
+    assert measured == []
+
+
+def test_other_settings_in_the_same_folder_need_overwrite(
+    trained_small, unlearned_small, small_benchmark_dir, tmp_path
+):
+    out = tmp_path / "audit"
+    config = resume_config(trained_small, unlearned_small, small_benchmark_dir, attacks=["prune-30"])
+    run_audit(config, out, threads=1, progress=False, log=None)
+    before = (out / "results.json").read_bytes()
+    other = resume_config(trained_small, unlearned_small, small_benchmark_dir, attacks=["rtn-w8-ch"])
+    with pytest.raises(ConfigError, match="overwrite"):
+        run_audit(other, out, threads=1, progress=False, log=None)
+    assert (out / "results.json").read_bytes() == before
+    other = resume_config(trained_small, unlearned_small, small_benchmark_dir, attacks=["rtn-w8-ch"])
+    results = run_audit(other, out, overwrite=True, threads=1, progress=False, log=None)
+    assert set(results["cells"]) == {f"{m}|{a}" for m in ("target", "ga") for a in ("none", "rtn-w8-ch")}
+    assert not (out / "items" / "target" / "prune-30.json").exists()  # no stale per-item files
+    assert json.loads((out / "results.json").read_text())["config"]["attacks"] == ["rtn-w8-ch"]
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+def verdict_line(printed: str, label: str) -> str:
+    """The verdict text of ``label`` in the verdict table printed by the CLI."""
+    found = [
+        line.removeprefix(label).strip() for line in printed.splitlines() if line.startswith(label + " ")
+    ]
+    assert len(found) == 1, printed
+    return found[0]
+
+
+def test_cli_audit_then_report(trained_small, unlearned_small, small_benchmark_dir, tmp_path, capsys):
+    out = tmp_path / "audit"
+    argv = [
+        "audit",
+        "--target",
+        str(trained_small.path),
+        "--unlearned",
+        str(unlearned_small.path),
+        "--data",
+        str(small_benchmark_dir),
+        "--attacks",
+        "rtn-w8-ch",
+        "--metrics",
+        "recall_forget",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["cells"]) == {f"{m}|{a}" for m in ("target", "ga") for a in ("none", "rtn-w8-ch")}
+    text = results["verdicts"]["ga"]["text"]
+    assert verdict_line(printed, "ga") == text
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    assert text in (out / "report.md").read_text()
+
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert verdict_line(capsys.readouterr().out, "ga") == text
+    assert text in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text()) == results  # the report never writes it back
+
+
+def test_cli_report_without_results_is_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("relapse: error:") and "results.json" in lines[0]
+    assert captured.out == ""

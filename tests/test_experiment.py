@@ -1,0 +1,145 @@
+"""Experiment files: validation with one-line errors, the shipped demos, attacks this installation lacks."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+
+from relapse.errors import ConfigError
+from relapse.experiment import available_attacks, load_experiment, parse_experiment, shipped_experiment
+
+VALID = {
+    "name": "tiny",
+    "seed": 3,
+    "data": {"synth": {"people": 10, "facts_per_person": 2}},
+    "train": {"eval_every": 25},
+    "unlearn": {"defaults": {"lr": 1.0e-4, "max_steps": 5}, "runs": {"ga": {"method": "ga"}, "npo": None}},
+    "audit": {"attacks": ["rtn-w8-ch", "relearn-retain-25"], "metrics": ["knowmem", "recall_forget"]},
+}
+
+
+def with_change(change) -> dict:
+    raw = copy.deepcopy(VALID)
+    change(raw)
+    return raw
+
+
+def test_valid_experiment_parses():
+    experiment = parse_experiment(copy.deepcopy(VALID), "tiny.yaml")
+    assert experiment.name == "tiny" and experiment.seed == 3
+    assert experiment.data == {"synth": {"people": 10, "facts_per_person": 2}}
+    assert experiment.unlearn_defaults == {"lr": 1.0e-4, "max_steps": 5}
+    assert experiment.unlearn_runs == {"ga": {"method": "ga"}, "npo": {}}
+    assert experiment.attacks == ["rtn-w8-ch", "relearn-retain-25"]
+    assert experiment.metrics == ["knowmem_forget", "knowmem_retain", "recall_forget"]  # groups resolved
+
+
+def test_name_defaults_to_the_file_stem():
+    raw = with_change(lambda r: r.pop("name"))
+    assert parse_experiment(raw, "some/where/mine.yaml").name == "mine"
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda r: r.update(extras=1), "'extras'"),
+        (lambda r: r["unlearn"]["runs"]["ga"].update(lrr=1e-3), "'lrr'"),
+        (lambda r: r["unlearn"]["defaults"].update(lrr=1e-3), "'lrr'"),
+        (lambda r: r["train"].update(stepz=3), "'stepz'"),
+        (lambda r: r["data"]["synth"].update(persons=3), "'persons'"),
+        (lambda r: r["unlearn"]["runs"]["ga"].update(method="gaa"), "'gaa'"),
+        (lambda r: r["audit"].update(attacks=["rtn-w8-ch", "quantum-4"]), "'quantum-4'"),
+        (lambda r: r["audit"].update(metrics=["recal"]), "'recal'"),
+        (lambda r: r["data"].update(path="/some/benchmark"), "exactly one of 'synth'"),
+        (lambda r: r.update(data={}), "exactly one of 'synth'"),
+        (lambda r: r["unlearn"].pop("runs"), "unlearn.runs is missing"),
+        (lambda r: r["unlearn"].update(runs={}), "unlearn.runs names no run"),
+        (lambda r: r.update(seed="zero"), "seed must be an integer"),
+        (lambda r: r.update(seed=True), "seed must be an integer"),
+        (lambda r: r["unlearn"]["runs"]["ga"].update(sure_top=2.0), "--sure-top"),
+    ],
+)
+def test_invalid_experiment_names_the_problem(change, named):
+    with pytest.raises(ConfigError) as error:
+        parse_experiment(with_change(change), "tiny.yaml")
+    message = str(error.value)
+    assert named in message
+    assert "\n" not in message
+
+
+def test_not_a_mapping_is_an_error():
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_experiment(["name", "x"], "list.yaml")
+
+
+def test_shipped_demo_parses_with_every_method():
+    demo = load_experiment(shipped_experiment("demo"))
+    assert demo.name == "demo" and demo.seed == 0
+    assert set(demo.unlearn_runs) == {"ga", "ga+gdr", "npo", "npo+gdr", "npo+klr", "sure", "npo+gdr-bf16"}
+    bf16 = [name for name, run in demo.unlearn_runs.items() if run.get("weights") == "bfloat16"]
+    assert bf16 == ["npo+gdr-bf16"]
+    assert demo.unlearn_runs["sure"]["sure_top"] == 0.1
+    assert "bnb-nf4" in demo.attacks and "gptq-w4-g128" in demo.attacks
+
+
+def test_shipped_fast_demo_parses():
+    fast = load_experiment(shipped_experiment("demo-fast"))
+    assert set(fast.unlearn_runs) == {"ga+gdr", "npo+gdr", "sure"}
+    assert fast.attacks == ["rtn-w8-ch", "rtn-w4-g128", "relearn-retain-25", "noise-like-rtn-w4-g128"]
+    assert fast.data == {"synth": {"people": 30, "facts_per_person": 3}}
+
+
+def test_unknown_shipped_experiment():
+    with pytest.raises(ConfigError, match="'nope'"):
+        shipped_experiment("nope")
+
+
+def test_invalid_yaml_reports_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nseed: 0\ndata: a: b\nunlearn: {}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"invalid YAML at line 3$"):
+        load_experiment(path)
+
+
+def test_missing_experiment_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_experiment(tmp_path / "nothing.yaml")
+
+
+def test_experiment_file_round_trip(tmp_path):
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(VALID), encoding="utf-8")
+    experiment = load_experiment(path)
+    assert experiment.source == str(path) and experiment.raw == VALID
+
+
+# --- attacks this installation cannot run -------------------------------------------------------------
+
+
+def fake_find_spec(has_bitsandbytes: bool):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            return real("json") if has_bitsandbytes else None  # any spec stands for "installed"
+        return real(name, *args, **kwargs)
+
+    return find_spec
+
+
+def test_available_attacks_drops_bnb_without_bitsandbytes(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(False))
+    runnable, notes = available_attacks(["rtn-w8-ch", "bnb-nf4", "relearn-retain-25", "bnb-fp4"])
+    assert runnable == ["rtn-w8-ch", "relearn-retain-25"]
+    assert len(notes) == 2
+    assert notes[0].startswith("bnb-nf4 skipped") and "bitsandbytes" in notes[0]
+    assert notes[1].startswith("bnb-fp4 skipped")
+
+
+def test_available_attacks_keeps_bnb_with_bitsandbytes(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(True))
+    assert available_attacks(["rtn-w8-ch", "bnb-nf4"]) == (["rtn-w8-ch", "bnb-nf4"], [])
