@@ -101,7 +101,7 @@ def compare_tiny(model, tokenizer, benchmark, batch_size) -> None:
     ref_s, ref = timed(lambda: reference_score(model, tokenizer, texts), device)
     names = ("mia_loss", "mia_zlib", "mia_mink_40", "mia_minkpp_40", "mia_mink_20", "mia_minkpp_20")
     eng_s, _ = timed(lambda: [ev.compute(n) for n in names], device)
-    ours = ev.scores("forget") + ev.scores("holdout")
+    ours = ev.scores("mia_forget") + ev.scores("mia_holdout")
     diff = max(float((a - torch.from_numpy(b.logprobs)).abs().max()) for a, b in zip(ref, ours, strict=True))
     rows.append((f"mia x{len(names)}", len(texts), ref_s, eng_s, f"max |dlogp| {diff:.1e}"))
 

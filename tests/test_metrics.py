@@ -364,3 +364,29 @@ def test_knowmem_generation_independent_of_batch_size(prompt, trained, mixed_ben
         outputs.append([it["generated"] for it in ev.compute("knowmem_forget")["per_item"]])
     assert outputs[0] == outputs[1]
     assert sum(bool(text) for text in outputs[0]) >= 4  # the model answers (not only EOS)
+
+
+def test_answer_nll_equals_direct_teacher_forcing(trained, small_benchmark):
+    """nll_forget/nll_retain: the mean -log p of the answer tokens after the zero-shot prompt, per item."""
+    model, tokenizer = trained
+    bench = dataclasses.replace(small_benchmark, retain_qa=small_benchmark.retain_qa[:5])
+    result = Evaluator(model, tokenizer, bench, EvalSettings(batch_size=3)).run(["nll_forget", "nll_retain"])
+    for name, split in (("nll_forget", bench.forget_qa), ("nll_retain", bench.retain_qa)):
+        expected = []
+        for pair in split:
+            prompt = tokenizer(qa_prompt(pair.question))["input_ids"]
+            full = tokenizer(f"{qa_prompt(pair.question)} {pair.answer}")["input_ids"]
+            assert full[: len(prompt)] == prompt  # the word tokenizer keeps the prompt as a prefix
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), -1)
+            answer = [-float(log_probs[i - 1, full[i]]) for i in range(len(prompt), len(full))]
+            expected.append(sum(answer) / len(answer))
+        got = [item["nll"] for item in result[name]["per_item"]]
+        assert got == pytest.approx(expected, abs=1e-5)
+        assert result[name]["value"] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+    assert (
+        result["nll_forget"]["higher_is_better"] is True and result["nll_retain"]["higher_is_better"] is False
+    )
+    assert result["nll_retain"]["value"] < 1.0, (
+        "a memorising model answers its training questions confidently"
+    )

@@ -33,6 +33,7 @@ FORGET_METRICS = (
     "mia_loss",
     "mia_minkpp_40",
     "mia_zlib",
+    "nll_forget",
 )
 
 NO_ATTACK = "none"
@@ -48,9 +49,10 @@ def share_of_gap(
 ) -> float | None:
     """``shift / (target - unlearned)``, or ``None`` when a value is missing or there is no gap.
 
-    There is no gap when it is smaller than :func:`min_gap`, or, for a metric of what should be
-    forgotten (``higher_is_better`` False), when the unlearned model does not score below the target: a
-    model that did not forget on a metric has nothing to recover on it.
+    There is no gap when it is smaller than :func:`min_gap`, or when the unlearned model is not better
+    than the target in the metric's own direction (below it when ``higher_is_better`` is False, as for
+    KnowMem on the forget set; above it when True, as for the forget answers' NLL): a model that did not
+    forget on a metric has nothing to recover on it.
     """
     values = (shift, unlearned, target)
     if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
@@ -58,7 +60,7 @@ def share_of_gap(
     gap = target - unlearned
     if abs(gap) <= min_gap(target):
         return None
-    if higher_is_better is False and gap < 0:
+    if (higher_is_better is False and gap < 0) or (higher_is_better is True and gap > 0):
         return None
     return shift / gap
 

@@ -8,6 +8,8 @@ A benchmark is a folder (see ``docs/data-format.md``)::
     general.jsonl    (optional) text for perplexity
     holdout_qa.jsonl (optional) QA about the holdout texts
     verbmem.jsonl    (optional) {"prompt": ..., "gt": ...}: VerbMem's prompts and true continuations
+    mia_forget.jsonl, mia_holdout.jsonl (optional) {"text": ...}: the texts membership inference compares,
+                     when they differ from forget/holdout (MUSE's privleak/ lists)
     meta.json        (optional) provenance; ``knowmem_prompt`` says how KnowMem asks (see prompts.py)
 
 Bad input is reported as one :class:`~relapse.errors.DataError` line naming the file and line number.
@@ -27,6 +29,8 @@ TEXT_SPLITS = ("forget", "retain", "holdout")
 QA_SPLITS = ("forget_qa", "retain_qa")
 OPTIONAL_QA_SPLITS = ("icl", "holdout_qa")
 OPTIONAL_TEXT_SPLITS = ("general",)
+#: Written only when not empty, so that folders without them keep their exact file set (and data hash).
+MEMBERSHIP_SPLITS = ("mia_forget", "mia_holdout")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class Benchmark:
     general: list[str] = field(default_factory=list)
     holdout_qa: list[QAPair] = field(default_factory=list)
     verbmem: list[VerbMemItem] = field(default_factory=list)
+    mia_forget: list[str] = field(default_factory=list)
+    mia_holdout: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     root: Path | None = None
 
@@ -111,6 +117,9 @@ class Benchmark:
             files[f"{name}.jsonl"] = _jsonl([qa.to_json() for qa in getattr(self, name)])
         if self.verbmem:  # written only when present, so older folders keep their exact file set
             files["verbmem.jsonl"] = _jsonl([item.to_json() for item in self.verbmem])
+        for name in MEMBERSHIP_SPLITS:
+            if getattr(self, name):
+                files[f"{name}.jsonl"] = _jsonl([{"text": t} for t in getattr(self, name)])
         files["meta.json"] = json.dumps(self.meta, indent=2) + "\n"
         return files
 
@@ -158,6 +167,9 @@ def load_benchmark(directory: str | Path) -> Benchmark:
     }
     general = _read_jsonl(root / "general.jsonl", ("text",), required=False)
     verbmem = _read_jsonl(root / "verbmem.jsonl", ("prompt", "gt"), required=False)
+    membership = {
+        name: _read_jsonl(root / f"{name}.jsonl", ("text",), required=False) for name in MEMBERSHIP_SPLITS
+    }
     meta_path = root / "meta.json"
     meta = read_meta(meta_path) if meta_path.exists() else {}
     benchmark = Benchmark(
@@ -170,6 +182,8 @@ def load_benchmark(directory: str | Path) -> Benchmark:
         holdout_qa=[QAPair(r["question"], r["answer"]) for r in optional_qas["holdout_qa"]],
         general=[r["text"] for r in general],
         verbmem=[VerbMemItem(r["prompt"], r["gt"]) for r in verbmem],
+        mia_forget=[r["text"] for r in membership["mia_forget"]],
+        mia_holdout=[r["text"] for r in membership["mia_holdout"]],
         meta=meta,
         root=root,
     )
@@ -179,7 +193,9 @@ def load_benchmark(directory: str | Path) -> Benchmark:
 
 def benchmark_files(directory: Path) -> list[Path]:
     """The data files of a benchmark folder that exist, in a fixed order (for hashing)."""
-    names = TEXT_SPLITS + QA_SPLITS + OPTIONAL_QA_SPLITS + OPTIONAL_TEXT_SPLITS + ("verbmem",)
+    names = (
+        TEXT_SPLITS + QA_SPLITS + OPTIONAL_QA_SPLITS + OPTIONAL_TEXT_SPLITS + ("verbmem", *MEMBERSHIP_SPLITS)
+    )
     return [Path(directory) / f"{n}.jsonl" for n in names if (Path(directory) / f"{n}.jsonl").exists()]
 
 

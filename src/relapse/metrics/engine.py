@@ -19,6 +19,7 @@ privleak          privleak (needs the retrained model's AUC)
 utility           knowmem_retain, ppl_general
 mia               mia_loss, mia_zlib, mia_lowercase, mia_mink_{10,20,40,60}, mia_minkpp_{10,20,40,60}
 recall            recall_forget, recall_retain (zero-shot exact-match QA recall)
+nll               nll_forget, nll_retain (mean NLL of the answer tokens given the zero-shot prompt)
 ================  =====================================================================
 """
 
@@ -59,6 +60,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         *(f"mia_minkpp_{k}" for k in MIA_KS),
     ),
     "recall": ("recall_forget", "recall_retain"),
+    "nll": ("nll_forget", "nll_retain"),
 }
 
 #: What ``relapse eval`` computes when ``--metrics`` is not given (privleak only with a retrained AUC).
@@ -103,9 +105,13 @@ class Evaluator:
 
     # shared work -------------------------------------------------------------------------------------
     def texts(self, split: str) -> list[str]:
-        """Texts of ``forget``, ``holdout`` or ``general``, or of ``forget:lower`` (lower-cased)."""
+        """Texts of ``forget``, ``holdout``, ``general``, ``mia_forget`` or ``mia_holdout`` (the lists
+        membership inference compares: the benchmark's own when it has them, else forget and holdout),
+        or of any of these lower-cased (``forget:lower``)."""
         base, _, variant = split.partition(":")
         texts = list(getattr(self.benchmark, base))
+        if base.startswith("mia_") and not texts:
+            texts = list(getattr(self.benchmark, base.removeprefix("mia_")))
         return [t.lower() for t in texts] if variant == "lower" else texts
 
     def scores(self, split: str) -> list[TokenScores]:
@@ -248,10 +254,10 @@ def ppl_general(ev: Evaluator) -> dict[str, Any]:
 
 
 def _membership_result(ev: Evaluator, membership: Callable[[str, int, TokenScores], float]) -> dict[str, Any]:
-    if not ev.benchmark.holdout:
+    if not ev.texts("mia_holdout"):
         raise DataError("membership inference needs holdout.jsonl texts the model never saw")
     splits = {
-        split: [membership(split, i, s) for i, s in enumerate(ev.scores(split))]
+        split: [membership(f"mia_{split}", i, s) for i, s in enumerate(ev.scores(f"mia_{split}"))]
         for split in ("forget", "holdout")
     }
     auc = mia.membership_auc(splits["forget"], splits["holdout"])
@@ -331,6 +337,55 @@ def _recall(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool) -> d
     return result
 
 
+def _answer_nll(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool) -> dict[str, Any]:
+    """Mean NLL per answer token of each QA pair under teacher forcing, with the zero-shot prompt.
+
+    A softer view than exact-match recall: it moves before any answer flips, so it shows small
+    recoveries (the issue's SmolLM2 study reports it beside recall).
+    """
+    if not pairs:
+        raise DataError("answer NLL needs QA pairs")
+    from relapse.data.prompts import qa_prompt, qa_text
+    from relapse.metrics.scoring import encode_for_scoring, model_max_tokens, score_token_ids
+
+    limit = ev.settings.max_tokens or model_max_tokens(ev.model)
+    prompts = encode_for_scoring(ev.tokenizer, [qa_prompt(p.question) for p in pairs], limit)
+    full = encode_for_scoring(ev.tokenizer, [qa_text(p) for p in pairs], limit)
+    pad = ev.tokenizer.pad_token_id if ev.tokenizer.pad_token_id is not None else ev.tokenizer.eos_token_id
+    scores = score_token_ids(ev.model, full, pad or 0, ev.settings.batch_size)
+    per_item = []
+    for pair, prompt_ids, full_ids, score in zip(pairs, prompts, full, scores, strict=True):
+        shared = 0  # the prompt's tokens are a prefix of the full text's, up to a merge at the boundary
+        while shared < min(len(prompt_ids), len(full_ids)) and prompt_ids[shared] == full_ids[shared]:
+            shared += 1
+        answer = score.logprobs[max(shared - 1, 0) :]
+        per_item.append(
+            {
+                "question": pair.question,
+                "answer": pair.answer,
+                "tokens": int(answer.size),
+                "nll": float(-answer.mean()) if answer.size else float("nan"),
+            }
+        )
+    return {
+        "value": _mean([it["nll"] for it in per_item]),
+        "higher_is_better": higher_is_better,
+        "best": None,
+        "views": {},
+        "per_item": per_item,
+    }
+
+
+def nll_forget(ev: Evaluator) -> dict[str, Any]:
+    """Mean answer NLL on the forget QA set (higher: more forgotten)."""
+    return _answer_nll(ev, ev.benchmark.forget_qa, higher_is_better=True)
+
+
+def nll_retain(ev: Evaluator) -> dict[str, Any]:
+    """Mean answer NLL on the retain QA set (lower: knowledge kept)."""
+    return _answer_nll(ev, ev.benchmark.retain_qa, higher_is_better=False)
+
+
 _FIXED: dict[str, Callable[[Evaluator], dict[str, Any]]] = {
     "verbmem_forget": verbmem_forget,
     "knowmem_forget": knowmem_forget,
@@ -342,6 +397,8 @@ _FIXED: dict[str, Callable[[Evaluator], dict[str, Any]]] = {
     "mia_lowercase": mia_lowercase,
     "recall_forget": recall_forget,
     "recall_retain": recall_retain,
+    "nll_forget": nll_forget,
+    "nll_retain": nll_retain,
 }
 _MINK = re.compile(r"mia_mink(pp)?_(\d+)$")
 
