@@ -415,6 +415,34 @@ def test_other_settings_in_the_same_folder_need_overwrite(
     assert json.loads((out / "results.json").read_text())["config"]["attacks"] == ["rtn-w8-ch"]
 
 
+def test_audit_warns_when_an_attack_rounds_onto_the_base_models_grid(
+    trained_small, unlearned_small, small_benchmark_dir, tmp_path, monkeypatch
+):
+    """A target fine-tuned from a GGUF Q4_1 file: gguf-q4_1 rounds onto that grid; the audit says so in
+    results.json, in its log and in both reports (the grid logic itself is tested in test_fetch.py)."""
+    from relapse.models import fetch
+    from relapse.report import build_report
+
+    seen = []
+
+    def fake_warning(attack, model_dir, include_embeddings=False):
+        seen.append((attack, str(model_dir)))
+        return f"{attack} rounds onto the base grid" if attack == "prune-30" else None
+
+    monkeypatch.setattr(fetch, "grid_warning", fake_warning)
+    config = resume_config(
+        trained_small, unlearned_small, small_benchmark_dir, attacks=["rtn-w8-ch", "prune-30"]
+    )
+    logged: list[str] = []
+    results = run_audit(config, tmp_path / "a", threads=1, progress=False, log=logged.append)
+    assert results["warnings"] == ["prune-30 rounds onto the base grid"]
+    assert ("rtn-w8-ch", str(trained_small.path)) in seen
+    assert "warning: prune-30 rounds onto the base grid" in logged
+    build_report(tmp_path / "a")
+    assert "prune-30 rounds onto the base grid" in (tmp_path / "a" / "report.md").read_text()
+    assert "prune-30 rounds onto the base grid" in (tmp_path / "a" / "report.html").read_text()
+
+
 # --- the command line ------------------------------------------------------------------------------
 
 

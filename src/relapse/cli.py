@@ -740,11 +740,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     data = commands.add_parser(
         "data",
-        help="benchmark data: generate the built-in benchmark",
+        help="benchmark data: generate the built-in benchmark, convert MUSE, TOFU, text or JSONL data",
         description="Commands that write benchmark folders.",
     )
     data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     _add_synth(data_commands)
+    from relapse.data.convert_cli import add_convert_parser
+    from relapse.models.fetch_cli import add_models_parser
+
+    add_convert_parser(data_commands)
+    add_models_parser(commands)
     _add_train(commands)
     _add_unlearn(commands)
     _add_attack(commands)

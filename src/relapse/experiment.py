@@ -14,7 +14,9 @@ Schema (unknown keys are errors, so a typo cannot silently fall back to a defaul
       path: path/to/benchmark                     # a benchmark folder of your own
     train:                                        # TrainConfig fields for the target and retrained
       eval_every: 50                              # models (tiny Llamas trained from scratch), or
-      base: path/or/hub-id                        # fine-tune this model instead
+      base: path/or/hub-id                        # fine-tune this model instead (or smollm2-135m:
+                                                  # fetched into the cache, see docs/models.md)
+      retrained: true                             # false: no retrained model (no PrivLeak, no control)
     unlearn:
       defaults: {lr: 1e-4, stop_forget_recall: 0.3}   # UnlearnConfig fields shared by all runs
       runs:
@@ -102,7 +104,9 @@ def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
         )
     train = dict(_mapping(raw.get("train", {}), f"{source}: train"))
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"on", "seed", "tiny"}
-    _no_unknown(train, train_fields | {"base"}, f"{source}: train")
+    _no_unknown(train, train_fields | {"base", "retrained"}, f"{source}: train")
+    if not isinstance(train.get("retrained", True), bool):
+        raise ConfigError(f"{source}: train.retrained must be true or false")
     unlearn = _mapping(raw.get("unlearn"), f"{source}: unlearn")
     _no_unknown(unlearn, {"defaults", "runs"}, f"{source}: unlearn")
     unlearn_fields = {f.name for f in dataclasses.fields(UnlearnConfig)} - {"seed"}
@@ -116,7 +120,7 @@ def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
             _mapping(settings or {}, f"{source}: unlearn.runs.{name}"), unlearn_fields, f"{source}: {name}"
         )
         _build(UnlearnConfig, {**defaults, **(settings or {})}, f"{source}: unlearn.runs.{name}")
-    _build(TrainConfig, {k: v for k, v in train.items() if k != "base"}, f"{source}: train")
+    _build(TrainConfig, _train_settings(train), f"{source}: train")
     audit = _mapping(raw.get("audit", {}), f"{source}: audit")
     _no_unknown(audit, {"attacks", "metrics"}, f"{source}: audit")
     attacks = [str(a) for a in audit.get("attacks", [])]
@@ -212,9 +216,12 @@ def run_experiment(
     say = log or (lambda *_: None)
     data_dir = _prepare_data(experiment, out, say)
     models: dict[str, dict[str, Any]] = {}
-    train_settings = {k: v for k, v in experiment.train.items() if k != "base"}
-    base = experiment.train.get("base")
-    for label, on in (("target", "forget+retain"), ("retrained", "retain")):
+    train_settings = _train_settings(experiment.train)
+    base = _resolve_base(experiment.train.get("base"), threads, progress, say)
+    roles = [("target", "forget+retain")]
+    if experiment.train.get("retrained", True):
+        roles.append(("retrained", "retain"))
+    for label, on in roles:
         config = TrainConfig(on=on, seed=experiment.seed, **train_settings)
         result = train_model(data_dir, None, config, base=base, threads=threads, progress=progress)
         models[label] = _model_row(label, "train " + on, result)
@@ -227,15 +234,19 @@ def run_experiment(
         models[name] = _model_row(name, _describe(config), result)
         say(_row_line(models[name]))
     attacks, notes = available_attacks(experiment.attacks)
+    metrics = list(experiment.metrics)
+    if "retrained" not in models and "privleak" in metrics:
+        metrics.remove("privleak")
+        notes.append("privleak skipped: the experiment trains no retrained model (train.retrained: false)")
     for note in notes:
         say(f"note: {note}")
     audit = AuditConfig(
         target=models["target"]["path"],
-        retrained=models["retrained"]["path"],
+        retrained=models["retrained"]["path"] if "retrained" in models else None,
         unlearned=[models[name]["path"] for name in experiment.unlearn_runs],
         data=str(data_dir),
         attacks=attacks,
-        metrics=list(experiment.metrics),
+        metrics=metrics,
         labels={row["path"]: label for label, row in models.items()},
         seed=experiment.seed,
     )
@@ -262,6 +273,25 @@ def run_experiment(
         },
     )
     return ExperimentResult(out, data_dir, models, results, report, notes, seconds)
+
+
+def _train_settings(train: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in train.items() if k not in ("base", "retrained")}
+
+
+def _resolve_base(base: str | None, threads, progress, say) -> str | None:
+    """A base model path: as given, or a fetchable name (``smollm2-135m``) fetched once into the cache."""
+    if base is None or Path(str(base)).expanduser().exists():
+        return base
+    from relapse.models.fetch import FETCHABLE, fetch_model
+    from relapse.runtime import cache_dir
+
+    name = str(base).strip().lower()
+    if name not in FETCHABLE:
+        return base  # a hub id: load_model takes it (safetensors only)
+    out = cache_dir() / "base" / name
+    say(f"base model {name}: {out}")
+    return str(fetch_model(name, out, threads=threads, progress=progress))
 
 
 def _prepare_data(experiment: Experiment, out: Path, say) -> Path:

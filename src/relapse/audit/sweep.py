@@ -171,7 +171,10 @@ def run_audit(
     threads_used = set_threads(threads)
     benchmark = load_benchmark(config.data)
     calibration = read_calibration_file(config.calibration) if config.calibration else []
-    results.update(threads=threads_used, versions=package_versions())
+    results.update(threads=threads_used, versions=package_versions(), warnings=_grid_warnings(config))
+    if log:
+        for warning in results["warnings"]:
+            log(f"warning: {warning}")
     settings = EvalSettings(batch_size=config.batch_size)
     models = results["models"]
     order = sorted(models, key=lambda label: {"retrained": 0, "target": 1}.get(models[label]["role"], 2))
@@ -217,6 +220,15 @@ def run_audit(
     finish(results)
     atomic_write_json(out / RESULTS_NAME, results)
     return results
+
+
+def _grid_warnings(config: AuditConfig) -> list[str]:
+    """Attacks that round onto the grid the target's base weights came from (e.g. a model fetched from a
+    Q4_1 GGUF file): on such a grid small updates snap back to the base model by construction."""
+    from relapse.models.fetch import grid_warning
+
+    found = (grid_warning(name, config.target) for name in config.attacks)
+    return [warning for warning in found if warning]
 
 
 def _retrained_auc(results: dict[str, Any], attack: str) -> float | None:

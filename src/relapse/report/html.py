@@ -82,6 +82,8 @@ def render_html(results: dict[str, Any], plots: list[Plot], title: str = "relaps
         body.append("<h3>Quantization, plainly</h3><ul>")
         body += [f"<li>{escape(line)}</li>" for line in quantization]
         body.append("</ul>")
+    for warning in results.get("warnings") or []:
+        body.append(f'<p class="missing">Warning: {escape(warning)}</p>')
     missing = missing_cells(results)
     if missing:
         body.append(

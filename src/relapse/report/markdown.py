@@ -284,6 +284,8 @@ def render_markdown(results: dict[str, Any], plots: list[Plot]) -> str:
     if quantization:
         lines += ["", "### Quantization, plainly", ""]
         lines += [f"- {_cell(line)}" for line in quantization]
+    for warning in results.get("warnings") or []:
+        lines += ["", f"> Warning: {_cell(warning)}"]
     missing = missing_cells(results)
     if missing:
         lines += ["", f"> {len(missing)} cells are missing (an unfinished audit?): {', '.join(missing)}"]
