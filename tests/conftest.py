@@ -1,8 +1,19 @@
-"""Shared fixtures: a small benchmark and a tiny model trained on it once per test session."""
+"""Shared fixtures: a small benchmark and a tiny model trained on it once per test session.
+
+The suite runs on the CPU even on a machine with a GPU (``--device auto`` would pick the GPU): several
+tests check bit-identical results (a resumed run, two processes against one) that hold on the CPU, and
+the data-parallel test starts two processes that would share one GPU. ``benchmarks/gpu_check.py`` checks
+the GPU. Set ``RELAPSE_TEST_GPU=1`` to run the suite with the GPU visible anyway.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+if not os.environ.get("RELAPSE_TEST_GPU"):
+    # Before torch first asks the driver, and inherited by the subprocesses some tests start.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest
 import torch

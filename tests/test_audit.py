@@ -22,6 +22,7 @@ from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.metrics.engine import EvalSettings, Evaluator
 from relapse.models.io import load_model
 from relapse.models.parts import decoder_linear_weights
+from relapse.runtime import atomic_write_json, resolve_device
 
 # --- recovery ratios on constructed values -----------------------------------------------------------
 
@@ -253,9 +254,11 @@ def test_audit_writes_every_cell_and_item_file(audited):
     }
     expected = {f"{m}|{a}" for m in ("target", "ga") for a in ["none", *AUDIT_ATTACKS]}
     assert set(on_disk["cells"]) == expected
+    assert on_disk["device"] == str(resolve_device("auto")) and "device" not in on_disk["config"]
     for key, cell in on_disk["cells"].items():
         label, attack = key.split("|")
         assert (cell["model"], cell["attack"]) == (label, attack)
+        assert cell["device"] == on_disk["device"]
         assert list(cell["metrics"]) == AUDIT_METRICS
         items = json.loads((out / "items" / label / f"{attack}.json").read_text())
         assert (items["model"], items["attack"]) == (label, attack)
@@ -364,6 +367,11 @@ def test_interrupted_audit_resumes_computing_only_missing_cells(
     first = json.loads((out / "results.json").read_text())
     done = ["target|none", "target|rtn-w8-ch", "target|rtn-w4-g128"]
     assert list(first["cells"]) == done
+    # Pretend the finished cells ran on a GPU: the device is not in the config hash, so they are kept,
+    # and the resumed run says that the audit now mixes devices.
+    for key in done:
+        first["cells"][key]["device"] = "cuda:0"
+    atomic_write_json(out / "results.json", first)
     assert "verdicts" not in first
     done_items = {k: (out / "items" / k.replace("|", "/")).with_suffix(".json").read_bytes() for k in done}
 
@@ -378,6 +386,9 @@ def test_interrupted_audit_resumes_computing_only_missing_cells(
     computed: list[str] = []
     config = resume_config(trained_small, unlearned_small, small_benchmark_dir)
     results = run_audit(config, out, threads=1, progress=False, log=computed.append)
+    notes = [line for line in computed if line.startswith("note: ")]
+    computed = [line for line in computed if not line.startswith("note: ")]
+    assert len(notes) == 1 and "ran on cuda:0" in notes[0]
     missing = ["target|prune-30", "ga|none", "ga|rtn-w8-ch", "ga|rtn-w4-g128", "ga|prune-30"]
     assert len(measured) == len(missing)
     assert [line.split(": ")[0].removeprefix("audit ").replace(" | ", "|") for line in computed] == missing

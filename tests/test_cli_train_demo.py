@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from relapse.cli import main
 from relapse.experiment import load_experiment, shipped_experiment
+from relapse.runtime import resolve_device
 from tests.conftest import SMALL
 
 
@@ -124,6 +125,7 @@ def test_demo_fast_end_to_end(tmp_path):
 
     record = json.loads((out / "experiment.json").read_text())
     assert record["seed"] == 0 and "torch" in record["versions"] and "relapse" in record["versions"]
+    assert record["device"] == results["device"] == str(resolve_device("auto"))
     assert record["verdicts"] == results["verdicts"]
     assert list(record["models"]) == labels and not any(m["cached"] for m in record["models"].values())
 

@@ -17,6 +17,7 @@ from relapse.methods.sure import candidate_parameters
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.metrics.qa import qa_recall
 from relapse.models import load_model
+from relapse.runtime import resolve_device
 from tests.conftest import weight_distance
 
 
@@ -72,6 +73,7 @@ def test_unlearn_record(npo_gdr_run, trained_small):
     record = json.loads((npo_gdr_run.path / "unlearn.json").read_text())
     assert record["method"] == "npo+gdr" and record["config"]["alpha"] == 5.0
     assert record["seed"] == 0 and {"torch", "transformers", "relapse"} <= set(record["versions"])
+    assert record["device"] == str(resolve_device("auto"))
     assert record["reference"] == "precompute"
     assert len(record["loss_curve"]) == record["steps"] > 0
     assert record["history"][-1]["recall_forget"] <= 0.3

@@ -81,6 +81,14 @@ def _cmd_synth(args) -> int:
 
 
 def _add_common_training(p: argparse.ArgumentParser) -> None:
+    """The options every command that runs a model shares: where (--device), how many threads, quiet."""
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="{auto,cpu,cuda,cuda:N}",
+        help="where models run (default: auto = the GPU when torch sees one, else the CPU); recorded in "
+        "the results, not part of any cache key",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -214,6 +222,7 @@ def _cmd_train(args) -> int:
         threads=args.threads,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        device=args.device,
     )
     if not is_main_process():  # under a data-parallel launcher only the main process reports
         return 0
@@ -375,6 +384,7 @@ def _cmd_unlearn(args) -> int:
         threads=args.threads,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        device=args.device,
     )
     if not is_main_process():  # under a data-parallel launcher only the main process reports
         return 0
@@ -446,6 +456,7 @@ def _cmd_attack(args) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         calibration=args.calibration,
+        device=args.device,
     )
     changed = record["info"].get("quantized") or record["info"].get("rms") or record["info"].get("zeroed")
     what = f"{len(changed)} weight tensors changed" if changed else record["attack_kind"]
@@ -552,6 +563,7 @@ def _cmd_eval(args) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         calibration=args.calibration,
+        device=args.device,
     )
     title = args.model + (f" after {record['attack']['name']}" if record["attack"] else "")
     print(title)
@@ -614,6 +626,7 @@ def _cmd_audit(args) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         calibration=str(args.calibration) if args.calibration else None,
+        device=args.device or "auto",
     )
     results = run_audit(
         config,
@@ -683,6 +696,7 @@ def _cmd_demo(args) -> int:
         progress=not args.quiet,
         overwrite=args.overwrite,
         log=None if args.quiet else print,
+        device=args.device,
     )
     _print_experiment(result)
     return 0
@@ -712,6 +726,7 @@ def _cmd_run(args) -> int:
         progress=not args.quiet,
         overwrite=args.overwrite,
         log=None if args.quiet else print,
+        device=args.device,  # None: the experiment file's device key, else auto
     )
     _print_experiment(result)
     return 0

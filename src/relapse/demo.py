@@ -20,10 +20,13 @@ def run_demo(
     progress: bool = True,
     overwrite: bool = False,
     log=print,
+    device: str | None = None,
 ) -> ExperimentResult:
-    """Run the shipped demo experiment into ``out``."""
+    """Run the shipped demo experiment into ``out`` (on ``device``; ``None``: a GPU when there is one)."""
     experiment = load_experiment(shipped_experiment("demo-fast" if fast else "demo"))
-    return run_experiment(experiment, out, threads=threads, progress=progress, overwrite=overwrite, log=log)
+    return run_experiment(
+        experiment, out, threads=threads, progress=progress, overwrite=overwrite, log=log, device=device
+    )
 
 
 def models_table(result: ExperimentResult) -> str:

@@ -9,6 +9,8 @@ Schema (unknown keys are errors, so a typo cannot silently fall back to a defaul
 
     name: demo
     seed: 0
+    device: auto                                  # optional: auto (a GPU if any), cpu, cuda or cuda:N;
+                                                  # --device overrides it; not part of any cache key
     data:
       synth: {people: 100, facts_per_person: 5}   # the built-in benchmark, or
       path: path/to/benchmark                     # a benchmark folder of your own
@@ -40,7 +42,7 @@ from typing import Any
 
 from relapse.errors import ConfigError
 
-SECTIONS = {"name", "seed", "data", "train", "unlearn", "audit"}
+SECTIONS = {"name", "seed", "device", "data", "train", "unlearn", "audit"}
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Experiment:
     metrics: list[str]
     source: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
 
 
 def shipped_experiment(name: str) -> Path:
@@ -88,6 +91,7 @@ def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
     from relapse.methods.unlearn import UnlearnConfig
     from relapse.metrics.engine import resolve_metrics
     from relapse.models.train import TrainConfig
+    from relapse.runtime import check_device_name
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with sections {', '.join(sorted(SECTIONS))}")
@@ -132,6 +136,14 @@ def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{source}: seed must be an integer, got {seed!r}")
+    device = raw.get("device", "auto")
+    if not isinstance(device, str):
+        raise ConfigError(f"{source}: device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    try:
+        # The spelling only: a file written for a GPU machine still reads (and validates) on a laptop.
+        device = check_device_name(device)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     return Experiment(
         name=str(raw.get("name", Path(source).stem)),
         seed=seed,
@@ -143,6 +155,7 @@ def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
         metrics=metrics,
         source=source,
         raw=raw,
+        device=device,
     )
 
 
@@ -200,14 +213,20 @@ def run_experiment(
     progress: bool = True,
     overwrite: bool = False,
     log=print,
+    device: str | None = None,
 ) -> ExperimentResult:
-    """Run every step of ``experiment`` into ``out`` (data, models record, audit, report)."""
+    """Run every step of ``experiment`` into ``out`` (data, models record, audit, report).
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) overrides the file's ``device`` key; ``None``
+    keeps the file's (``auto`` when it has none). Training, unlearning and the audit all run there.
+    """
     from relapse.audit.sweep import AuditConfig, run_audit
     from relapse.methods.unlearn import UnlearnConfig, unlearn_model
     from relapse.models.train import TrainConfig, train_model
     from relapse.report import build_report
-    from relapse.runtime import atomic_write_json, package_versions
+    from relapse.runtime import atomic_write_json, package_versions, resolve_device
 
+    target = str(resolve_device(device if device is not None else experiment.device))
     started = time.perf_counter()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -223,13 +242,21 @@ def run_experiment(
         roles.append(("retrained", "retain"))
     for label, on in roles:
         config = TrainConfig(on=on, seed=experiment.seed, **train_settings)
-        result = train_model(data_dir, None, config, base=base, threads=threads, progress=progress)
+        result = train_model(
+            data_dir, None, config, base=base, threads=threads, progress=progress, device=target
+        )
         models[label] = _model_row(label, "train " + on, result)
         say(_row_line(models[label]))
     for name, settings in experiment.unlearn_runs.items():
         config = UnlearnConfig(seed=experiment.seed, **{**experiment.unlearn_defaults, **settings})
         result = unlearn_model(
-            models["target"]["path"], data_dir, None, config, threads=threads, progress=progress
+            models["target"]["path"],
+            data_dir,
+            None,
+            config,
+            threads=threads,
+            progress=progress,
+            device=target,
         )
         models[name] = _model_row(name, _describe(config), result)
         say(_row_line(models[name]))
@@ -249,6 +276,7 @@ def run_experiment(
         metrics=metrics,
         labels={row["path"]: label for label, row in models.items()},
         seed=experiment.seed,
+        device=target,
     )
     results = run_audit(
         audit, out / "audit", overwrite=overwrite, threads=threads, progress=progress, log=log
@@ -263,6 +291,7 @@ def run_experiment(
             "source": experiment.source,
             "experiment": experiment.raw,
             "seed": experiment.seed,
+            "device": target,
             "data": str(data_dir),
             "models": models,
             "notes": notes,

@@ -1,4 +1,5 @@
-"""Run-time plumbing shared by every command: seeds, threads, versions, hashing, atomic writes, the cache.
+"""Run-time plumbing shared by every command: seeds, threads, devices, versions, hashing, atomic writes,
+the cache.
 
 These are small pure helpers; nothing here keeps global state beyond what torch itself keeps.
 """
@@ -26,11 +27,59 @@ from relapse.errors import ConfigError
 RECORDED_PACKAGES = ("relapse", "torch", "transformers", "tokenizers", "safetensors", "numpy")
 
 
+#: What ``--device`` accepts (besides ``cuda:N``).
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch so that a run is repeatable on the same machine and versions."""
+    """Seed Python, NumPy and torch so that a run is repeatable on the same machine and versions.
+
+    ``torch.manual_seed`` seeds the generators of every device, CUDA's included (lazily, so it is safe
+    on machines without a GPU). relapse draws its own random numbers (initial weights, batch order,
+    attack noise) from CPU generators, so they are the same whichever device the model is on.
+    """
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def check_device_name(name: str | None) -> str:
+    """``name`` normalised (``None`` means ``"auto"``), or a one-line :class:`ConfigError` if it is not
+    ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. Checks the spelling only, not that the device exists, so
+    that an experiment file written for a GPU machine can be read (and validated) anywhere."""
+    text = "auto" if name is None else str(name).strip().lower()
+    if text in DEVICE_CHOICES:
+        return text
+    kind, _, index = text.partition(":")
+    if kind == "cuda" and index.isdigit():
+        return f"cuda:{int(index)}"
+    raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """The torch device to run on: ``auto`` (or ``None``) is the GPU when torch sees one, else the CPU.
+
+    ``cuda`` without an index means the current GPU, or this process's GPU (``LOCAL_RANK``) under a
+    data-parallel launcher, so that every process of a group gets its own; the result always carries an
+    index (``cuda:0``), so that it compares equal to the device parameters report. Asking for a GPU
+    that torch cannot see raises a one-line :class:`ConfigError` instead of failing deep inside torch.
+    """
+    text = check_device_name(name)
+    if text == "cpu" or (text == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
+        raise ConfigError(f"device {text}: CUDA is not available ({build}); use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if text in ("auto", "cuda"):
+        local_rank = os.environ.get("LOCAL_RANK")
+        in_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and local_rank is not None
+        index = int(local_rank) % count if in_group else torch.cuda.current_device()
+    else:
+        index = int(text.partition(":")[2])
+        if index >= count:
+            raise ConfigError(f"device {text}: this machine has {count} CUDA device(s), cuda:0..{count - 1}")
+    return torch.device("cuda", index)
 
 
 def default_threads() -> int:

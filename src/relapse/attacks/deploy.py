@@ -16,6 +16,11 @@ The K-quant formats (Q4_K, Q6_K) are not offered: the ``gguf`` package has no qu
 bitsandbytes (``bnb-nf4``, ``bnb-fp4``: 4-bit with blocks of 64, the setting behind the paper's "4-bit"
 results; ``bnb-int8``: LLM.int8's per-row absmax int8): the library's own quantize/dequantize functions,
 which run on the CPU in bitsandbytes >= 0.45. Needs ``pip install 'relapse[bnb]'``.
+
+Devices: the GGUF code is plain torch and runs wherever the weights are, with the same results
+(block scales use :func:`relapse.attacks.rtn.exact_div`). bitsandbytes runs on the weights'
+GPU with its own CUDA kernels (what a deployment on that GPU computes) when its CUDA library is loaded;
+with a CPU-only bitsandbytes build, weights on a GPU are rounded on the CPU and copied back.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from relapse.attacks.base import WeightRoundingAttack
+from relapse.attacks.rtn import exact_div
 from relapse.errors import ConfigError
 
 GGUF_BLOCK = 32
@@ -52,34 +58,48 @@ def gguf_fake_quantize(weight: torch.Tensor, fmt: str, where: str = "weight") ->
         raise ConfigError(f"{where}: last dimension {weight.shape[-1]} is not a multiple of {GGUF_BLOCK}")
     x = weight.detach().float().reshape(-1, GGUF_BLOCK)
     if fmt == "q8_0":
-        d = x.abs().amax(dim=1, keepdim=True) / 127
+        d = exact_div(x.abs().amax(dim=1, keepdim=True), 127)
         value = _fp16(d) * _roundf(x * _inverse(d))
     elif fmt in ("q4_0", "q5_0"):
         levels = 8 if fmt == "q4_0" else 16
         signed_max = torch.gather(x, 1, x.abs().argmax(dim=1, keepdim=True))
-        d = signed_max / -levels
+        d = exact_div(signed_max, -levels)
         q = torch.trunc(x * _inverse(d) + (levels + 0.5)).clamp(0, 2 * levels - 1)
         value = _fp16(d) * (q - levels)
     else:
         top = 15 if fmt == "q4_1" else 31
         lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
-        d = (hi - lo) / top
+        d = exact_div(hi - lo, top)
         q = torch.trunc((x - lo) * _inverse(d) + 0.5).clamp(0, top)
         value = _fp16(d) * q + _fp16(lo)
     return value.reshape(weight.shape).to(weight.dtype)
 
 
+def _bnb_runs_on(device: torch.device) -> torch.device:
+    """Where bitsandbytes can round a tensor that lives on ``device``: there, unless it is a GPU and the
+    installed bitsandbytes has no CUDA library loaded (its CPU kernels are then the only ones)."""
+    if device.type != "cuda":
+        return device
+    from bitsandbytes import cextension
+
+    library = getattr(cextension, "lib", None)
+    return device if getattr(library, "compiled_with_cuda", True) else torch.device("cpu")
+
+
 def bnb_fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
-    """``weight`` after a bitsandbytes quantize/dequantize round trip (same dtype and shape)."""
+    """``weight`` after a bitsandbytes quantize/dequantize round trip (same dtype, shape and device)."""
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError:
         raise ConfigError("bnb-* attacks need bitsandbytes: pip install 'relapse[bnb]'") from None
+    x = weight.detach().to(_bnb_runs_on(weight.device))
     if fmt == "int8":
-        codes, row_scale, _ = bnb_functional.int8_vectorwise_quant(weight.detach().to(torch.float16))
-        return bnb_functional.int8_vectorwise_dequant(codes, row_scale).to(weight.dtype)
-    packed, state = bnb_functional.quantize_4bit(weight.detach().float(), blocksize=BNB_BLOCK, quant_type=fmt)
-    return bnb_functional.dequantize_4bit(packed, state).reshape(weight.shape).to(weight.dtype)
+        codes, row_scale, _ = bnb_functional.int8_vectorwise_quant(x.to(torch.float16))
+        rounded = bnb_functional.int8_vectorwise_dequant(codes, row_scale)
+    else:
+        packed, state = bnb_functional.quantize_4bit(x.float(), blocksize=BNB_BLOCK, quant_type=fmt)
+        rounded = bnb_functional.dequantize_4bit(packed, state).reshape(weight.shape)
+    return rounded.to(device=weight.device, dtype=weight.dtype)
 
 
 class DeploymentAttack(WeightRoundingAttack):

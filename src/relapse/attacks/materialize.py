@@ -13,7 +13,14 @@ from relapse.attacks.rtn import parse_rtn_name
 from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.models.io import load_model, reuse_or_claim, save_model
 from relapse.models.train import model_identity
-from relapse.runtime import hash_files, package_versions, seed_everything, set_threads, stable_hash
+from relapse.runtime import (
+    hash_files,
+    package_versions,
+    resolve_device,
+    seed_everything,
+    set_threads,
+    stable_hash,
+)
 
 RECORD_NAME = "attack.json"
 
@@ -30,12 +37,16 @@ def materialize(
     overwrite: bool = False,
     progress: bool = True,
     calibration: str | Path | None = None,
+    device: str | None = "auto",
 ) -> tuple[Path, dict[str, Any], bool]:
     """Apply ``attack_name`` to ``model`` and save the attacked model with ``attack.json``.
 
     Returns ``(path, record, cached)``; an ``out`` already holding this exact result is returned as is.
+    The attack runs on ``device`` (``auto``: a GPU when there is one); the device is recorded but is not
+    part of the cache key, like the thread count.
     """
     attack = get_attack(attack_name)
+    target = resolve_device(device)
     calibration_texts = read_calibration_file(calibration) if calibration else []
     key = stable_hash(
         {
@@ -54,7 +65,7 @@ def materialize(
         return out, existing, True
     threads_used = set_threads(threads)
     seed_everything(seed)
-    net, tokenizer = load_model(str(model))
+    net, tokenizer = load_model(str(model), device=str(target))
     context = AttackContext(
         tokenizer=tokenizer,
         benchmark=load_benchmark(data_dir) if data_dir else None,
@@ -74,6 +85,7 @@ def materialize(
         "model_identity": model_identity(str(model)),
         "seed": seed,
         "threads": threads_used,
+        "device": str(target),
         "versions": package_versions(),
         "info": info,
     }

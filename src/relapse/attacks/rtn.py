@@ -10,7 +10,8 @@ Grids (per output row, or per group of ``group_size`` consecutive input columns 
   -2^(b-1), 2^(b-1) - 1)`` and the dequantized weight is ``q * scale``.
 
 ``torch.round`` rounds halves to even, like torchao. Every element's error is at most half a step
-(``scale / 2``).
+(``scale / 2``). The grids are computed with correctly rounded divisions (:func:`exact_div`), so the same
+weights get the same grid, codes and rounded values on a CPU and on a GPU.
 """
 
 from __future__ import annotations
@@ -71,18 +72,29 @@ def _grouped(weight: torch.Tensor, group_size: int | None, where: str) -> torch.
     return weight.float().reshape(rows, cols // size, size)
 
 
+def exact_div(values: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``values / divisor``, correctly rounded on every device.
+
+    On CUDA, torch turns division by a Python number into multiplication by its reciprocal, which can be
+    one unit in the last place off; on a grid's scale that moves codes across rounding boundaries, and
+    the same weights would round differently on a GPU than on a CPU. Dividing by a tensor on the same
+    device is a true division everywhere (and on a CPU gives exactly what dividing by the number did).
+    """
+    return values / torch.tensor(divisor, dtype=values.dtype, device=values.device)
+
+
 def grid_params(values: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of the grid for ``values`` grouped along the last dimension (float32)."""
     eps = torch.finfo(torch.float32).eps
     values = values.float()
     if scheme.symmetric:
         qmax = 2 ** (scheme.bits - 1) - 1
-        scale = (values.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=eps)
+        scale = exact_div(values.abs().amax(dim=-1, keepdim=True), qmax).clamp(min=eps)
         return scale, torch.zeros_like(scale)
     qmax = 2**scheme.bits - 1
     lo = values.amin(dim=-1, keepdim=True).clamp(max=0)
     hi = values.amax(dim=-1, keepdim=True).clamp(min=0)
-    scale = ((hi - lo) / qmax).clamp(min=eps)
+    scale = exact_div(hi - lo, qmax).clamp(min=eps)
     return scale, torch.clamp(torch.round(-lo / scale), 0, qmax)
 
 

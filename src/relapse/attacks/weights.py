@@ -40,6 +40,9 @@ class NoiseAttack(Attack):
         return weight_targets(model, context)
 
     def apply(self, model: torch.nn.Module, context: AttackContext) -> dict[str, Any]:
+        # Drawn on the CPU from a seeded generator and copied to the weights' device: the same seed gives
+        # the same noise on every device (a GPU generator would give other numbers), so a noise cell of an
+        # audit does not change when the audit resumes on another device.
         generator = torch.Generator().manual_seed(context.seed)
         rms = {}
         with torch.no_grad():

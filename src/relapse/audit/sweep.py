@@ -14,10 +14,17 @@ settings in the same folder are refused unless ``overwrite``.
                views}}, "attack_info": {...}, "seconds": float}},
      "diagnostics": {label: {attack: {mean_abs_dw, mean_dw_over_step, share_below_half_step,
                      codes_changed, projection}}},
+     "device": str (where the latest run ran; each cell also names its own "device"),
      "recovery": {label: {attack: {metric: ratio | None, "metric:control": ratio | None}}},
      "verdicts": {label: {"status", "text", ...}}, "seed": int, "versions": {...}}
 
 The attack ``none`` is the model as it is.
+
+The device is not part of the config hash, so an audit killed on one machine may resume on another (a
+GPU box, or a CPU when the GPU is gone), like the thread count, which is not in the hash either. Cells
+computed on different devices agree up to float rounding (greedy generation can differ where two tokens
+are nearly tied); each cell records its device so that a mixed audit is visible, and resuming on another
+device says so.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from relapse.attacks.base import AttackContext, applied
 from relapse.attacks.registry import get_attack
 from relapse.audit.recovery import NO_ATTACK, cell_key, finish
@@ -38,8 +47,10 @@ from relapse.errors import ConfigError
 from relapse.metrics.engine import EvalSettings, Evaluator, resolve_metrics
 from relapse.runtime import (
     atomic_write_json,
+    check_device_name,
     hash_files,
     package_versions,
+    resolve_device,
     seed_everything,
     set_threads,
     stable_hash,
@@ -73,9 +84,16 @@ class AuditConfig:
     seed: int = 0
     batch_size: int | None = None
     calibration: str | None = None
+    device: str = "auto"  # where it runs: not in to_json() nor the hash (see the module docstring)
+
+    def __post_init__(self) -> None:
+        self.device = check_device_name(self.device)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings that determine the results (hashed, and saved as ``config``): all but the device."""
+        settings = asdict(self)
+        settings.pop("device")
+        return settings
 
 
 def model_labels(config: AuditConfig) -> dict[str, dict[str, str]]:
@@ -154,10 +172,14 @@ def run_audit(
     progress: bool = True,
     log=print,
 ) -> dict[str, Any]:
-    """Run (or resume) the audit into ``out``; returns the final results (also in ``results.json``)."""
+    """Run (or resume) the audit into ``out``; returns the final results (also in ``results.json``).
+
+    Models are loaded onto ``config.device`` (``auto``: a GPU when there is one), one at a time.
+    """
     from relapse.attacks.calibration import read_calibration_file
     from relapse.models.io import load_model
 
+    device = resolve_device(config.device)  # a bad or missing device fails before any work
     out = Path(out)
     attacks = [get_attack(name) for name in config.attacks]  # unknown names fail before any work
     config.attacks = [a.name for a in attacks]
@@ -171,10 +193,21 @@ def run_audit(
     threads_used = set_threads(threads)
     benchmark = load_benchmark(config.data)
     calibration = read_calibration_file(config.calibration) if config.calibration else []
-    results.update(threads=threads_used, versions=package_versions(), warnings=_grid_warnings(config))
+    earlier = sorted({cell.get("device", "cpu") for cell in results["cells"].values()} - {str(device)})
+    results.update(
+        threads=threads_used,
+        device=str(device),
+        versions=package_versions(),
+        warnings=_grid_warnings(config),
+    )
     if log:
         for warning in results["warnings"]:
             log(f"warning: {warning}")
+        if earlier:
+            log(
+                f"note: finished cells of this audit ran on {', '.join(earlier)}; the rest run on {device} "
+                "(numbers agree up to float rounding)"
+            )
     settings = EvalSettings(batch_size=config.batch_size)
     models = results["models"]
     order = sorted(models, key=lambda label: {"retrained": 0, "target": 1}.get(models[label]["role"], 2))
@@ -182,7 +215,7 @@ def run_audit(
         todo = [a for a in [NO_ATTACK, *config.attacks] if cell_key(label, a) not in results["cells"]]
         if not todo:
             continue
-        net, tokenizer = load_model(models[label]["path"])
+        net, tokenizer = load_model(models[label]["path"], device=str(device))
         for attack_name in todo:
             seed_everything(config.seed)
             settings.retrained_auc = _retrained_auc(results, attack_name)
@@ -211,12 +244,13 @@ def run_audit(
                 "metrics": {name: _summary(r) for name, r in metrics.items()},
                 "attack_info": _small_info(info),
                 "seconds": seconds,
+                "device": str(device),
             }
             atomic_write_json(out / RESULTS_NAME, results)
             if log:
                 log(_cell_line(label, attack_name, metrics, seconds))
         del net
-    results["diagnostics"] = _diagnostics(results, config)
+    results["diagnostics"] = _diagnostics(results, config, device)
     finish(results)
     atomic_write_json(out / RESULTS_NAME, results)
     return results
@@ -257,8 +291,9 @@ def _cell_line(label: str, attack: str, metrics: dict[str, Any], seconds: float)
     return f"audit {label} | {attack}: {shown} ({seconds:.1f} s)"
 
 
-def _diagnostics(results: dict[str, Any], config: AuditConfig) -> dict[str, Any]:
-    """Weight diagnostics of each unlearned model against the target under each grid-based attack."""
+def _diagnostics(results: dict[str, Any], config: AuditConfig, device: torch.device) -> dict[str, Any]:
+    """Weight diagnostics of each unlearned model against the target under each grid-based attack, on
+    ``device`` (the target and one unlearned model at a time)."""
     from relapse.attacks.diagnostics import weight_diagnostics
     from relapse.models.io import load_model
     from relapse.models.parts import decoder_linear_weights
@@ -269,14 +304,14 @@ def _diagnostics(results: dict[str, Any], config: AuditConfig) -> dict[str, Any]
         return {}
     models = results["models"]
     target_label = next(label for label, info in models.items() if info["role"] == "target")
-    target, _ = load_model(models[target_label]["path"])
+    target, _ = load_model(models[target_label]["path"], device=str(device))
     names = sorted(decoder_linear_weights(target))
     target_state = target.state_dict()
     report: dict[str, Any] = {}
     for label, info in models.items():
         if info["role"] != "unlearned":
             continue
-        model, _ = load_model(info["path"])
+        model, _ = load_model(info["path"], device=str(device))
         state = model.state_dict()
         report[label] = {
             attack: weight_diagnostics(target_state, state, names, scheme)["total"]

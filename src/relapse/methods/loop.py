@@ -8,6 +8,12 @@ written atomically and resumed after a kill, and a progress bar.
 
 Resuming restores weights, optimizer state, step, history and loss curve, so a killed and resumed run ends
 with the same weights as an uninterrupted one (the models used here have no dropout; a test checks this).
+
+Devices: the loop trains the model where it is. Batches are built on the CPU (by pure functions of the
+step) and moved to the model's device here, in one place, just before the loss. Checkpoints hold CPU
+copies, so a run killed on a GPU can resume on a CPU or another GPU: the optimizer state is loaded onto
+the current device of the weights it belongs to. On a CPU, resuming gives bit-identical weights; CUDA
+kernels need not be bit-repeatable, so there a resumed run matches to float tolerance.
 """
 
 from __future__ import annotations
@@ -103,6 +109,27 @@ class LoopResult:
         return asdict(self)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's parameters (relapse keeps a model on one device)."""
+    return next(model.parameters()).device
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (tensors, possibly in nested dicts, lists or tuples) with every tensor on ``device``.
+
+    A tensor already there is returned as is, so on the CPU this changes nothing at all.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
+        return type(batch)(*(to_device(value, device) for value in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
+
+
 BatchFn = Callable[[int, int], Any]
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[torch.nn.Module], dict[str, float]]
@@ -128,7 +155,8 @@ def run_loop(
     """Optimise ``model`` in place and return what happened.
 
     Args:
-        model: parameters with ``requires_grad`` are trained.
+        model: parameters with ``requires_grad`` are trained, on the device they are on; every batch is
+            moved there before ``loss_fn`` sees it.
         config: optimisation settings.
         batch_for_step: ``(step, micro_index) -> batch``; must depend on nothing but its arguments.
         loss_fn: ``(model, batch) -> (loss, logs)``; ``logs`` values are averaged into the progress bar.
@@ -145,6 +173,9 @@ def run_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters")
+    device = model_device(model)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL (under a data-parallel launcher) works on the current GPU
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     parallel = data_parallel()
     is_main = parallel is None or parallel.is_main
@@ -184,7 +215,7 @@ def run_loop(
                 batch = batch_for_step(step, micro)
                 if parallel is not None:
                     batch = parallel.shard(batch)
-                loss, logs = loss_fn(model, batch)
+                loss, logs = loss_fn(model, to_device(batch, device))
                 (loss / config.grad_accum).backward()
                 total += float(loss.detach()) / config.grad_accum
                 for key, value in logs.items():
@@ -257,8 +288,8 @@ def _fmt(value: Any) -> str:
 def _save_checkpoint(path: Path, model, optimizer, run_key, step, history, loss_curve, elapsed) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".checkpoint-"))
-    save_safetensors_model(model, str(staging / "model.safetensors"))
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    save_safetensors_model(model, str(staging / "model.safetensors"))  # safetensors writes CPU bytes
+    torch.save(to_device(optimizer.state_dict(), torch.device("cpu")), staging / "optimizer.pt")
     atomic_write_json(
         staging / "state.json",
         {
@@ -279,7 +310,11 @@ def _load_checkpoint(path: Path, model, optimizer, run_key) -> dict[str, Any]:
             f"the checkpoint in {path} belongs to a different run (settings or data changed); "
             "remove it, or pass --overwrite to start again"
         )
+    # The file holds CPU tensors; loading copies them into the parameters wherever those are.
     load_safetensors_model(model, str(path / "model.safetensors"))
     # Our own file, written by _save_checkpoint; weights_only refuses anything but tensors and plain data.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    # load_state_dict moves each state tensor to its parameter's device (AdamW's step counts stay on the
+    # CPU, where AdamW keeps them).
+    state_dict = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state_dict)
     return state

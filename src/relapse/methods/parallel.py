@@ -59,7 +59,9 @@ def data_parallel() -> DataParallel | None:
     if world_size() <= 1:
         return None
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # Gradients live where the model is (a GPU, or the CPU with --device cpu) while loss averages
+        # are CPU numbers: NCCL only takes CUDA tensors, so each device type gets its own backend.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     return DataParallel(rank=dist.get_rank(), world=dist.get_world_size())
 

@@ -11,7 +11,7 @@ decay moves parameters whose gradient is zero): fully frozen tensors are left ou
 clipping, and their values are restored after every optimiser step. After training
 :meth:`SaliencyMask.verify` checks, by hash, that every frozen element is bit-identical to the start.
 The mask is computed once at the start by default; ``per_step`` recomputes it before every step on that
-step's forget batch.
+step's forget batch. Saliencies, masks and the saved frozen values live on the model's device.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def select_top(saliency: dict[str, torch.Tensor], top: float) -> dict[str, torch
     # round() first: 0.07 * 100 is 7.000000000000001 in floating point, and must keep 7, not 8.
     keep_count = max(1, math.ceil(round(top * flat.numel(), 9)))
     order = torch.sort(flat, descending=True, stable=True).indices[:keep_count]
-    keep_flat = torch.zeros(flat.numel(), dtype=torch.bool)
+    # On the saliency's device (the model's): indices on a GPU cannot index a CPU tensor.
+    keep_flat = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep_flat[order] = True
     masks, offset = {}, 0
     for name in names:

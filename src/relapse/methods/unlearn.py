@@ -4,6 +4,12 @@
 reference (the starting model) contributes once up front when it fits in memory (NPO's sequence
 log-likelihoods, KLR's next-token distributions) and otherwise keeps a frozen copy, builds SURE's mask
 if asked, then runs :func:`relapse.methods.loop.run_loop` and saves the result with ``unlearn.json``.
+
+Everything runs on one device (``device``: a GPU when there is one, by default): the model, the frozen
+reference copy, the precomputed reference values (stored on that device, where the losses use them) and
+SURE's masks. Batches are built on the CPU and moved there. The device is recorded in ``unlearn.json``
+but is not part of the cache key: the same settings on another device give the same model up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -21,14 +27,30 @@ from relapse.data.benchmark import Benchmark, benchmark_files, load_benchmark
 from relapse.data.prompts import qa_prompt, qa_text
 from relapse.errors import ConfigError
 from relapse.methods import losses
-from relapse.methods.loop import SCHEDULES, LoopConfig, run_loop, save_run, work_dir_for
+from relapse.methods.loop import (
+    SCHEDULES,
+    LoopConfig,
+    model_device,
+    run_loop,
+    save_run,
+    to_device,
+    work_dir_for,
+)
 from relapse.methods.parallel import world_size
 from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
 from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
 from relapse.metrics.qa import qa_recall
 from relapse.models.io import load_model, reuse_or_claim
 from relapse.models.train import model_identity
-from relapse.runtime import cache_dir, hash_files, package_versions, seed_everything, set_threads, stable_hash
+from relapse.runtime import (
+    cache_dir,
+    hash_files,
+    package_versions,
+    resolve_device,
+    seed_everything,
+    set_threads,
+    stable_hash,
+)
 
 RECORD_NAME = "unlearn.json"
 UNLEARN_VERSION = 1
@@ -131,7 +153,11 @@ def _examples(benchmark: Benchmark, split: str, config: UnlearnConfig, tokenizer
 
 
 class Reference:
-    """What the starting model contributes to NPO and KLR: precomputed, or a frozen copy."""
+    """What the starting model contributes to NPO and KLR: precomputed, or a frozen copy.
+
+    Both live on the model's device: the frozen copy because it runs on the same batches, the
+    precomputed values because the losses combine them with the trained model's outputs there.
+    """
 
     def __init__(
         self, model, forget: list[Example], retain: list[Example], config: UnlearnConfig, pad_id: int
@@ -141,6 +167,7 @@ class Reference:
         self.forget_logp: torch.Tensor | None = None
         self.retain_log_probs: list[torch.Tensor] | None = None
         needs_logits = config.variant == "muse-compatible" and spec.needs_reference
+        device = model_device(model)
         vocab = model.get_output_embeddings().weight.shape[0]
         klr_bytes = sum(len(e.input_ids) - 1 for e in retain) * vocab * 4 if spec.regularizer == "klr" else 0
         fits = klr_bytes <= config.reference_budget_gb * 2**30
@@ -160,12 +187,12 @@ class Reference:
                     self.forget_logp = torch.cat(
                         [
                             losses.sequence_logprob(model(**_inputs(b)).logits, b["labels"])
-                            for b in _chunks(forget, pad_id)
+                            for b in _chunks(forget, pad_id, device=device)
                         ]
                     )
                 if spec.regularizer == "klr":
                     self.retain_log_probs = []
-                    for batch in _chunks(retain, pad_id):
+                    for batch in _chunks(retain, pad_id, device=device):
                         log_probs = losses.reference_log_probs(model(**_inputs(batch)).logits)
                         for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
                             self.retain_log_probs.append(log_probs[row, : length - 1].clone())
@@ -180,7 +207,7 @@ class Reference:
         if self.retain_log_probs is not None:
             width = batch["input_ids"].shape[1] - 1
             rows = [self.retain_log_probs[i] for i in batch["index"].tolist()]
-            out = torch.zeros(len(rows), width, rows[0].shape[-1])
+            out = torch.zeros(len(rows), width, rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)
             for r, values in enumerate(rows):
                 out[r, : values.shape[0]] = values
             return out
@@ -196,10 +223,12 @@ def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def _chunks(examples: list[Example], pad_id: int, size: int = 32):
-    """All examples in order, as indexed batches of ``size``."""
+def _chunks(examples: list[Example], pad_id: int, size: int = 32, device: torch.device | None = None):
+    """All examples in order, as indexed batches of ``size`` (on ``device`` when given: these batches
+    feed the model directly, not through the training loop that moves the others)."""
     for start in range(0, len(examples), size):
-        yield _indexed_batch(examples, list(range(start, min(start + size, len(examples)))), pad_id)
+        batch = _indexed_batch(examples, list(range(start, min(start + size, len(examples)))), pad_id)
+        yield batch if device is None else to_device(batch, device)
 
 
 def _indexed_batch(examples: list[Example], indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -227,13 +256,16 @@ def unlearn_model(
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | None = "auto",
 ) -> UnlearnResult:
     """Unlearn the forget set of ``data_dir`` from ``model`` and save the result to ``out``.
 
     ``out=None`` keeps the result in the cache (``$RELAPSE_CACHE/unlearned/<key>``); an ``out`` that
-    already holds this exact run is returned at once.
+    already holds this exact run is returned at once. ``device`` (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``) is where the work runs; it is recorded, not part of the cache key.
     """
     config = config or UnlearnConfig()
+    target = resolve_device(device)  # a bad --device fails before any work
     spec = config.spec
     data_dir = Path(data_dir)
     benchmark = load_benchmark(data_dir)
@@ -244,7 +276,7 @@ def unlearn_model(
         return UnlearnResult(out_path, existing, cached=True)
     threads_used = set_threads(threads)
     seed_everything(config.seed)
-    net, tokenizer = load_model(str(model), dtype=config.weights)
+    net, tokenizer = load_model(str(model), dtype=config.weights, device=str(target))
     pad_id = tokenizer.pad_token_id
     forget = _examples(benchmark, "forget", config, tokenizer)
     retain = _examples(benchmark, "retain", config, tokenizer) if spec.needs_retain else []
@@ -252,12 +284,14 @@ def unlearn_model(
         raise ConfigError(f"no forget examples for --data {config.data} (is forget_qa.jsonl empty?)")
     if spec.needs_retain and not retain:
         raise ConfigError(f"{spec.name} needs retain examples, and --data {config.data} gives none")
-    start_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    # A CPU copy: only weight_change reads it, and it should not double the model's GPU memory.
+    start_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
     reference = Reference(net, forget, retain, config, pad_id)
 
     forget_sampler = EpochSampler(len(forget), config.batch_size, config.seed)
     retain_sampler = EpochSampler(max(1, len(retain)), config.batch_size, config.seed + 1)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if config.autocast_bf16 else nullcontext()
+    # Autocast is per device type: a CPU autocast would leave CUDA matrix products in float32.
+    autocast = torch.autocast(target.type, dtype=torch.bfloat16) if config.autocast_bf16 else nullcontext()
 
     def forget_loss(model: torch.nn.Module, batch) -> torch.Tensor:
         with autocast:
@@ -296,7 +330,7 @@ def unlearn_model(
 
     mask: SaliencyMask | None = None
     if config.sure_top is not None:
-        batches = _chunks(forget, pad_id)
+        batches = _chunks(forget, pad_id, device=target)
         mask = build_mask(
             net, forget_loss, batches, config.sure_top, config.sure_granularity, per_step=config.sure_per_step
         )
@@ -305,7 +339,7 @@ def unlearn_model(
         net = _wrap_lora(net, config.lora_r)
 
     def refresh_mask(step: int) -> None:
-        mask.refresh(net, forget_loss, batch_for_step(step, 0)["forget"])
+        mask.refresh(net, forget_loss, to_device(batch_for_step(step, 0)["forget"], target))
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         return {
@@ -355,6 +389,7 @@ def unlearn_model(
         "data": {"path": str(data_dir.resolve()), "hash": hash_files(benchmark_files(data_dir))},
         "seed": config.seed,
         "threads": threads_used,
+        "device": str(target),
         "world_size": world_size(),
         "versions": package_versions(),
         "reference": reference.mode,
@@ -381,7 +416,7 @@ def _wrap_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
 def forget_nll(model: torch.nn.Module, examples: list[Example], pad_id: int) -> float:
     """Mean cross-entropy per counted token over all forget examples (higher = more forgotten)."""
     total, count = 0.0, 0
-    for batch in _chunks(examples, pad_id):
+    for batch in _chunks(examples, pad_id, device=model_device(model)):
         picked, mask = losses.token_logprobs(model(**_inputs(batch)).logits, batch["labels"])
         total -= float(picked.sum())
         count += int(mask.sum())
@@ -389,11 +424,12 @@ def forget_nll(model: torch.nn.Module, examples: list[Example], pad_id: int) -> 
 
 
 def weight_change(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Mean |dW| over all weights and per tensor, and how many elements moved at all."""
+    """Mean |dW| over all weights and per tensor, and how many elements moved at all (computed on the
+    device of ``start``, which may differ from the trained model's)."""
     per_tensor = {}
     total_abs, total, moved = 0.0, 0, 0
     for name, before in start.items():
-        delta = (end[name].float() - before.float()).abs()
+        delta = (end[name].detach().to(before.device).float() - before.float()).abs()
         per_tensor[name] = float(delta.mean())
         total_abs += float(delta.sum())
         total += delta.numel()

@@ -11,16 +11,17 @@ from relapse.data.benchmark import load_benchmark
 from relapse.errors import ConfigError
 from relapse.metrics.engine import DEFAULT_METRICS, EvalSettings, Evaluator, resolve_metrics
 from relapse.metrics.mia import MUSE_RETRAINED_AUC, PRIVLEAK_K
-from relapse.runtime import atomic_write_json, package_versions, seed_everything, set_threads
+from relapse.runtime import atomic_write_json, package_versions, resolve_device, seed_everything, set_threads
 
 RECORD_KIND = "relapse-eval"
 
 
-def retrained_auc_of(model: str, benchmark, settings: EvalSettings) -> float:
-    """The Min-40% AUC of a retrained model on ``benchmark`` (PrivLeak's reference)."""
+def retrained_auc_of(model: str, benchmark, settings: EvalSettings, device: str | None = "auto") -> float:
+    """The Min-40% AUC of a retrained model on ``benchmark`` (PrivLeak's reference), computed on
+    ``device``."""
     from relapse.models.io import load_model
 
-    net, tokenizer = load_model(str(model))
+    net, tokenizer = load_model(str(model), device=str(resolve_device(device)))
     name = f"mia_mink_{round(PRIVLEAK_K * 100)}"
     return float(Evaluator(net, tokenizer, benchmark, settings).compute(name)["value"])
 
@@ -39,21 +40,24 @@ def run_eval(
     overwrite: bool = False,
     progress: bool = True,
     calibration: str | Path | None = None,
+    device: str | None = "auto",
 ) -> dict[str, Any]:
     """Evaluate ``model`` (after ``attack``, applied temporarily) on the benchmark in ``data``.
 
     ``metrics`` defaults to :data:`DEFAULT_METRICS`. ``retrained_auc`` may be a number or
     ``news``/``books`` (MUSE's published retrained AUCs). Without a retrained reference the default list
     drops ``privleak``; naming it explicitly is then an error. The record is written atomically to
-    ``out`` when given.
+    ``out`` when given. Models are evaluated on ``device`` (``auto``: a GPU when there is one), which the
+    record names.
     """
     if out is not None and Path(out).exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+    target = resolve_device(device)
     threads_used = set_threads(threads)
     seed_everything(seed)
     benchmark = load_benchmark(data)
     settings = EvalSettings(batch_size=batch_size, progress=progress)
-    reference = _reference_auc(retrained, retrained_auc, benchmark, settings)
+    reference = _reference_auc(retrained, retrained_auc, benchmark, settings, str(target))
     settings.retrained_auc = reference["auc"] if reference else None
     names = resolve_metrics(metrics or DEFAULT_METRICS)
     dropped = []
@@ -68,7 +72,7 @@ def run_eval(
 
     from relapse.models.io import load_model
 
-    net, tokenizer = load_model(str(model))
+    net, tokenizer = load_model(str(model), device=str(target))
     attack_record = None
     stack = contextlib.ExitStack()
     with stack:
@@ -99,6 +103,7 @@ def run_eval(
         "settings": settings.to_json(),
         "seed": seed,
         "threads": threads_used,
+        "device": str(target),
         "versions": package_versions(),
     }
     if out is not None:
@@ -106,11 +111,11 @@ def run_eval(
     return record
 
 
-def _reference_auc(retrained, retrained_auc, benchmark, settings) -> dict[str, Any] | None:
+def _reference_auc(retrained, retrained_auc, benchmark, settings, device: str) -> dict[str, Any] | None:
     if retrained and retrained_auc is not None:
         raise ConfigError("give --retrained or --retrained-auc, not both")
     if retrained:
-        return {"source": str(retrained), "auc": retrained_auc_of(retrained, benchmark, settings)}
+        return {"source": str(retrained), "auc": retrained_auc_of(retrained, benchmark, settings, device)}
     if retrained_auc is None:
         return None
     if isinstance(retrained_auc, str) and retrained_auc in MUSE_RETRAINED_AUC:

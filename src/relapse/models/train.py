@@ -4,6 +4,8 @@
 model, ``retain`` the retrained reference), stops once QA recall on the trained splits reaches a
 threshold, checkpoints as it goes and resumes after a kill. Models are cached by a hash of the data
 files, the settings, the seed and the starting model: asking again for the same model returns at once.
+The device is not in that hash (a model trained on a GPU is the same model, up to float rounding), but
+``train.json`` records it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from relapse.runtime import (
     cache_dir,
     hash_files,
     package_versions,
+    resolve_device,
     seed_everything,
     set_threads,
     stable_hash,
@@ -119,6 +122,7 @@ def train_model(
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | None = "auto",
 ) -> TrainResult:
     """Train (or fetch from cache) a model on a benchmark and save it to ``out``.
 
@@ -130,9 +134,11 @@ def train_model(
         threads: torch threads (``None``: ``$RELAPSE_THREADS`` or 1).
         overwrite: replace a different model already at ``out``.
         progress: show a progress bar.
+        device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``; not in the cache key.
     """
     config = config or TrainConfig()
     data_dir = Path(data_dir)
+    target = resolve_device(device)  # a bad --device fails before any work
     benchmark = load_benchmark(data_dir)
     key = train_cache_key(data_dir, config, base)
     out_path = Path(out) if out is not None else cache_dir() / "models" / key
@@ -142,10 +148,12 @@ def train_model(
     threads_used = set_threads(threads)
     seed_everything(config.seed)
     if base is None:
+        # Built (and initialised) on the CPU, so the starting weights are the same on every device.
         model, tokenizer = build_tiny(config.tiny, benchmark, seed=config.seed)
         model.to(torch.float32 if config.dtype == "float32" else getattr(torch, config.dtype))
+        model.to(target)
     else:
-        model, tokenizer = load_model(base, dtype=config.dtype)
+        model, tokenizer = load_model(base, dtype=config.dtype, device=str(target))
 
     split_names = config.on.split("+")
     texts = benchmark.texts(config.on) + [qa_text(pair) for pair in benchmark.qa(config.on)]
@@ -201,6 +209,7 @@ def train_model(
         },
         "seed": config.seed,
         "threads": threads_used,
+        "device": str(target),
         "world_size": world_size(),
         "versions": package_versions(),
         "parameters": sum(p.numel() for p in model.parameters()),
