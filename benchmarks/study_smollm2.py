@@ -1,0 +1,202 @@
+"""Where does the paper's relapse begin? A grid of pretrain -> fine-tune -> unlearn runs on SmolLM2-135M.
+
+Each cell is one experiment (``relapse run``): fine-tune SmolLM2-135M on the built-in benchmark at a
+given strength (learning rate, steps) and weight precision, unlearn at a given learning rate, and audit
+target and unlearned model under 4-bit quantization (RTN, GPTQ, bitsandbytes FP4/NF4), the Q4_1 grid the
+base weights came from, relearning and a noise control of equal error. Cells share models through the
+cache (the target of one fine-tuning setting serves every unlearning setting). The script also measures
+the weight diagnostics of fine-tuning itself (base -> target), which the audit does not, and writes:
+
+- ``OUT/study.json``: every cell's numbers (resumable: finished cells are read back, not rerun);
+- ``OUT/study.md``: the table the question needs: is there a cell where the quantized unlearned model
+  answers like the quantized target while the float unlearned model does not?
+
+    python benchmarks/study_smollm2.py --out study [--grid quick|full] [--device auto]
+
+``quick`` is one fine-tuning setting in float32 (about an hour on 2 CPU cores); ``full`` varies the
+fine-tuning learning rate (5e-5, 3e-4, 1e-3), the unlearning learning rate (1e-5, 1e-4) and the weight
+precision (float32, bfloat16), which wants a GPU: bfloat16 matrix products are ~25x slower than float32
+on a CPU without bfloat16 instructions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from relapse.attacks.diagnostics import weight_diagnostics
+from relapse.attacks.rtn import parse_rtn_name
+from relapse.audit.recovery import NO_ATTACK, cell_key
+from relapse.experiment import parse_experiment, run_experiment
+from relapse.models.io import load_model
+from relapse.models.parts import decoder_linear_weights
+from relapse.runtime import atomic_write_json, atomic_write_text
+
+ATTACKS = [
+    "rtn-w4-g64-sym",
+    "rtn-w4-ch",
+    "gptq-w4-g64",
+    "bnb-fp4",
+    "bnb-nf4",
+    "gguf-q4_1",
+    "relearn-retain-25",
+    "noise-like-rtn-w4-g64-sym",
+]
+QUANTIZERS = ["rtn-w4-g64-sym", "rtn-w4-ch", "gptq-w4-g64", "bnb-fp4", "bnb-nf4", "gguf-q4_1"]
+GRIDS = {
+    "quick": {"finetune": [(3e-4, 200)], "unlearn_lr": [1e-5, 1e-4], "weights": ["float32"]},
+    "full": {
+        "finetune": [(5e-5, 200), (3e-4, 200), (1e-3, 150)],
+        "unlearn_lr": [1e-5, 1e-4],
+        "weights": ["float32", "bfloat16"],
+    },
+}
+
+
+def cell_experiment(finetune_lr: float, finetune_steps: int, weights: str, unlearn_lrs: list[float], device):
+    """One fine-tuning setting with its unlearning runs, as an experiment file's contents."""
+    return {
+        "name": f"smollm2-ft{finetune_lr:g}-{weights}",
+        "seed": 0,
+        **({"device": device} if device else {}),
+        "data": {"synth": {"people": 30, "facts_per_person": 3}},
+        "train": {
+            "base": "smollm2-135m",
+            "lr": finetune_lr,
+            "max_steps": finetune_steps,
+            "batch_size": 8,
+            "warmup_steps": 10,
+            "stop_recall": 0.9,
+            "eval_every": 20,
+            "dtype": weights,
+            "retrained": False,
+        },
+        "unlearn": {
+            "defaults": {"batch_size": 8, "max_steps": 12, "eval_every": 4, "weights": weights},
+            "runs": {
+                f"{method}-lr{lr:g}": {"method": method, "lr": lr}
+                for method, lr in itertools.product(("ga+gdr", "npo+gdr"), unlearn_lrs)
+            },
+        },
+        "audit": {"attacks": ATTACKS, "metrics": ["recall", "nll"]},
+    }
+
+
+def finetune_diagnostics(base: str, target: str) -> dict[str, Any]:
+    """How far fine-tuning moved the decoder weights, on the 4-bit grids of the study."""
+    base_model, _ = load_model(base)
+    target_model, _ = load_model(target)
+    names = sorted(decoder_linear_weights(base_model))
+    a, b = base_model.state_dict(), target_model.state_dict()
+    return {
+        grid: weight_diagnostics(a, b, names, parse_rtn_name(grid))["total"]
+        for grid in ("rtn-w4-g64-sym", "rtn-w4-ch", "rtn-w4-g32")
+    }
+
+
+def summarize(name: str, result) -> dict[str, Any]:
+    results = result.results
+    models = results["models"]
+    target = next(label for label, info in models.items() if info["role"] == "target")
+
+    def value(model, attack, metric):
+        cell = results["cells"].get(cell_key(model, attack))
+        return None if cell is None else cell["metrics"][metric]["value"]
+
+    rows = {}
+    for label in models:
+        rows[label] = {
+            attack: {
+                m: value(label, attack, m)
+                for m in ("recall_forget", "recall_retain", "nll_forget", "nll_retain")
+            }
+            for attack in [NO_ATTACK, *results["config"]["attacks"]]
+        }
+    return {
+        "cell": name,
+        "models": {label: info["path"] for label, info in models.items()},
+        "training": result.models,
+        "values": rows,
+        "recovery": results.get("recovery", {}),
+        "diagnostics_unlearning": results.get("diagnostics", {}),
+        "target": target,
+    }
+
+
+def markdown(cells: list[dict[str, Any]]) -> str:
+    lines = [
+        "# SmolLM2-135M: where the quantization relapse begins",
+        "",
+        "Per cell: forget / retain QA recall of the float model and after each 4-bit quantizer, for the "
+        "fine-tuned target and each unlearned model. The question: does a quantized unlearned model answer "
+        "like the quantized target while the float unlearned model does not?",
+        "",
+    ]
+    for cell in cells:
+        lines += [f"## {cell['cell']}", ""]
+        header = ["model", "float", *QUANTIZERS, "noise", "relearn"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for label, per_attack in cell["values"].items():
+            row = [label]
+            for attack in [NO_ATTACK, *QUANTIZERS, "noise-like-rtn-w4-g64-sym", "relearn-retain-25"]:
+                values = per_attack.get(attack) or {}
+                forget, retain = values.get("recall_forget"), values.get("recall_retain")
+                row.append("n/a" if forget is None else f"{forget:.2f} / {retain:.2f}")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        for label, grids in cell.get("diagnostics_finetune", {}).items():
+            text = ", ".join(
+                f"{grid}: |dW|/step {d['mean_dw_over_step']:.3g}, codes changed {d['codes_changed']:.1%}, "
+                f"projection {d['projection'] if d['projection'] is None else round(d['projection'], 3)}"
+                for grid, d in grids.items()
+            )
+            lines.append(f"- fine-tuning diagnostics ({label}): {text}")
+        for label, grids in cell.get("diagnostics_unlearning", {}).items():
+            text = ", ".join(
+                f"{grid}: |dW|/step {d['mean_dw_over_step']:.3g}, codes changed {d['codes_changed']:.1%}"
+                for grid, d in grids.items()
+            )
+            lines.append(f"- unlearning diagnostics ({label}): {text}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="quick")
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda (default: relapse's default)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    grid = GRIDS[args.grid]
+    args.out.mkdir(parents=True, exist_ok=True)
+    study_path = args.out / "study.json"
+    done = json.loads(study_path.read_text()) if study_path.exists() else {"cells": []}
+    finished = {cell["cell"] for cell in done["cells"]}
+    for (finetune_lr, steps), weights in itertools.product(grid["finetune"], grid["weights"]):
+        spec = cell_experiment(finetune_lr, steps, weights, grid["unlearn_lr"], args.device)
+        if spec["name"] in finished:
+            continue
+        started = time.perf_counter()
+        experiment = parse_experiment(spec, source=spec["name"])
+        result = run_experiment(experiment, args.out / spec["name"], threads=args.threads, progress=False)
+        cell = summarize(spec["name"], result)
+        base_path = json.loads((Path(result.models["target"]["path"]) / "train.json").read_text())["base"]
+        cell["diagnostics_finetune"] = {
+            "target": finetune_diagnostics(base_path, result.models["target"]["path"])
+        }
+        cell["seconds"] = time.perf_counter() - started
+        done["cells"].append(cell)
+        atomic_write_json(study_path, done)
+        atomic_write_text(args.out / "study.md", markdown(done["cells"]))
+        print(f"{spec['name']}: done in {cell['seconds']:.0f} s")
+    print(f"wrote {study_path} and {args.out / 'study.md'}")
+
+
+if __name__ == "__main__":
+    main()
