@@ -121,13 +121,13 @@ def recovery_table(results: dict[str, Any]) -> dict[str, dict[str, dict[str, flo
     """
     target = _role(results, "target")
     retrained = _role(results, "retrained")
+    directions = {metric: metric_direction(results, metric) for metric in forget_metrics(results)}
     table: dict[str, dict[str, dict[str, float | None]]] = {}
     for model in _roles(results, "unlearned"):
         per_attack: dict[str, dict[str, float | None]] = {}
         for attack in results["config"]["attacks"]:
             row: dict[str, float | None] = {}
-            for metric in forget_metrics(results):
-                direction = metric_direction(results, metric)
+            for metric, direction in directions.items():
                 unlearned_value = cell_value(results, model, NO_ATTACK, metric)
                 target_value = cell_value(results, target, NO_ATTACK, metric)
                 row[metric] = recovery_ratio(

@@ -346,15 +346,16 @@ def _answer_nll(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool) 
     if not pairs:
         raise DataError("answer NLL needs QA pairs")
     from relapse.data.prompts import qa_prompt, qa_text
-    from relapse.metrics.scoring import encode_for_scoring, model_max_tokens, score_token_ids
+    from relapse.metrics.scoring import encode_for_scoring, model_max_tokens
 
     limit = ev.settings.max_tokens or model_max_tokens(ev.model)
     prompts = encode_for_scoring(ev.tokenizer, [qa_prompt(p.question) for p in pairs], limit)
-    full = encode_for_scoring(ev.tokenizer, [qa_text(p) for p in pairs], limit)
-    pad = ev.tokenizer.pad_token_id if ev.tokenizer.pad_token_id is not None else ev.tokenizer.eos_token_id
-    scores = score_token_ids(ev.model, full, pad or 0, ev.settings.batch_size)
+    scores = score_texts(
+        ev.model, ev.tokenizer, [qa_text(p) for p in pairs], ev.settings.batch_size, ev.settings.max_tokens
+    )
     per_item = []
-    for pair, prompt_ids, full_ids, score in zip(pairs, prompts, full, scores, strict=True):
+    for pair, prompt_ids, score in zip(pairs, prompts, scores, strict=True):
+        full_ids = score.token_ids.tolist()
         shared = 0  # the prompt's tokens are a prefix of the full text's, up to a merge at the boundary
         while shared < min(len(prompt_ids), len(full_ids)) and prompt_ids[shared] == full_ids[shared]:
             shared += 1

@@ -32,6 +32,12 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     return text[:cut], cut < len(text)
 
 
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its EOS (never attended to)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad or 0
+
+
 @torch.no_grad()
 def greedy_generate(
     model: PreTrainedModel,
@@ -47,7 +53,7 @@ def greedy_generate(
     device = next(model.parameters()).device
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     eos_id = tokenizer.eos_token_id
     results: list[str] = [""] * len(prompts)
     was_training = model.training

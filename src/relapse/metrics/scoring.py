@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from relapse.metrics.generation import padding_id
+
 #: Texts longer than this many tokens are cut (the model's own limit applies when it is smaller).
 DEFAULT_MAX_TOKENS = 2048
 
@@ -176,8 +178,7 @@ def score_texts(
     """Per-token statistics of each text (with the tokenizer's BOS), batched."""
     limit = max_tokens or model_max_tokens(model)
     encoded = encode_for_scoring(tokenizer, texts, limit)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return score_token_ids(model, encoded, pad_id or 0, batch_size, progress=progress, desc=desc)
+    return score_token_ids(model, encoded, padding_id(tokenizer), batch_size, progress=progress, desc=desc)
 
 
 def perplexity(scores: Sequence[TokenScores]) -> float:
