@@ -16,7 +16,10 @@ the weight diagnostics of fine-tuning itself (base -> target), which the audit d
 ``quick`` is one fine-tuning setting in float32 (about an hour on 2 CPU cores); ``full`` varies the
 fine-tuning learning rate (5e-5, 3e-4, 1e-3), the unlearning learning rate (1e-5, 1e-4) and the weight
 precision (float32, bfloat16), which wants a GPU: bfloat16 matrix products are ~25x slower than float32
-on a CPU without bfloat16 instructions.
+on a CPU without bfloat16 instructions. ``cpu`` replaces bfloat16 by ``bfloat16-emulated`` (weights,
+gradients and Adam moments rounded to bfloat16 after every step, float32 arithmetic) and drops the
+weakest fine-tuning. ``--only NAME`` runs the named cells of a grid (several processes can share one
+``--out`` only if they run different cells into different folders; give each its own ``--out``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ GRIDS = {
         "finetune": [(5e-5, 200), (3e-4, 200), (1e-3, 150)],
         "unlearn_lr": [1e-5, 1e-4],
         "weights": ["float32", "bfloat16"],
+    },
+    # The same question on a CPU: bfloat16 storage emulated in float32 arithmetic (same lost updates).
+    "cpu": {
+        "finetune": [(3e-4, 200), (1e-3, 150)],
+        "unlearn_lr": [1e-5, 1e-4],
+        "weights": ["float32", "bfloat16-emulated"],
     },
 }
 
@@ -172,6 +181,7 @@ def main() -> None:
     parser.add_argument("--grid", choices=sorted(GRIDS), default="quick")
     parser.add_argument("--device", default=None, help="auto, cpu or cuda (default: relapse's default)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--only", action="append", default=[], help="run only this cell (repeatable)")
     args = parser.parse_args()
     grid = GRIDS[args.grid]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +190,7 @@ def main() -> None:
     finished = {cell["cell"] for cell in done["cells"]}
     for (finetune_lr, steps), weights in itertools.product(grid["finetune"], grid["weights"]):
         spec = cell_experiment(finetune_lr, steps, weights, grid["unlearn_lr"], args.device)
-        if spec["name"] in finished:
+        if spec["name"] in finished or (args.only and spec["name"] not in args.only):
             continue
         started = time.perf_counter()
         experiment = parse_experiment(spec, source=spec["name"])

@@ -100,6 +100,7 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(subparsers) -> None:
+    from relapse.models.io import PRECISIONS
     from relapse.models.train import TRAIN_SPLITS, TrainConfig
 
     defaults = TrainConfig()
@@ -170,9 +171,10 @@ def _add_train(subparsers) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
+        choices=PRECISIONS,
         default=defaults.dtype,
-        help="weight dtype during training (default float32)",
+        help="weight precision during training (default float32); bfloat16-emulated keeps weights on "
+        "bfloat16 values but computes in float32",
     )
     p.add_argument(
         "--tokenizer",
@@ -296,7 +298,8 @@ def _add_unlearn(subparsers) -> None:
         "--weights",
         choices=WEIGHT_CHOICES,
         default=d.weights,
-        help="weight dtype while unlearning; bfloat16 = no float32 master copy (default float32)",
+        help="weight precision while unlearning: bfloat16 = no float32 master copy; bfloat16-emulated = "
+        "the same rounding with float32 arithmetic, for CPUs (default float32)",
     )
     p.add_argument("--autocast-bf16", action="store_true", help="bfloat16 autocast over float32 weights")
     p.add_argument(

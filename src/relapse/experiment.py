@@ -352,8 +352,8 @@ def _describe(config) -> str:
         parts.append(f"SURE {config.sure_top:.0%}")
     if config.lora_r is not None:
         parts.append(f"LoRA r{config.lora_r}")
-    if config.weights == "bfloat16":
-        parts.append("bf16")
+    if config.weights != "float32":
+        parts.append({"bfloat16": "bf16"}.get(config.weights, "bf16-emulated"))
     parts.append(f"lr {config.lr:g}")
     return " ".join(parts)
 

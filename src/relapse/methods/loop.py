@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from relapse.errors import ConfigError
 from relapse.methods.parallel import barrier, data_parallel, is_main_process
-from relapse.models.io import save_model
+from relapse.models.io import round_to_bfloat16_, save_model
 from relapse.runtime import atomic_write_json, replace_dir
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -151,6 +151,7 @@ def run_loop(
     before_step: Callable[[int], None] | None = None,
     after_backward: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
+    emulate_bfloat16: bool = False,
 ) -> LoopResult:
     """Optimise ``model`` in place and return what happened.
 
@@ -169,6 +170,8 @@ def run_loop(
         after_backward: called once the step's gradients are complete, before clipping (e.g. to zero
             the gradients of frozen weights).
         after_step: called right after each optimiser step (e.g. to restore frozen weights).
+        emulate_bfloat16: keep the trainable weights, their gradients and the Adam moments on bfloat16
+            values while computing in float32 (see :data:`relapse.models.io.PRECISIONS`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -189,6 +192,9 @@ def run_loop(
         start_step, history, loss_curve = state["step"], state["history"], state["loss_curve"]
         elapsed_before = state["elapsed_s"]
         resumed_from = start_step
+
+    if emulate_bfloat16:
+        round_to_bfloat16_(params)
 
     model.train()
     started = time.perf_counter()
@@ -223,11 +229,16 @@ def run_loop(
             if parallel is not None:
                 parallel.average_gradients(params)
                 total = parallel.mean(total)
+            if emulate_bfloat16:
+                round_to_bfloat16_(p.grad for p in params)
             if after_backward is not None:
                 after_backward()
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
+            if emulate_bfloat16:
+                round_to_bfloat16_(params)
+                round_to_bfloat16_(_adam_moments(optimizer))
             if after_step is not None:
                 after_step()
             step += 1
@@ -265,6 +276,14 @@ def run_loop(
         history=history,
         loss_curve=loss_curve,
     )
+
+
+def _adam_moments(optimizer: torch.optim.Optimizer):
+    """AdamW's moment tensors (not its step counter, which must stay exact)."""
+    for state in optimizer.state.values():
+        for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if name in state:
+                yield state[name]
 
 
 def work_dir_for(out: Path) -> Path:

@@ -40,7 +40,14 @@ from relapse.methods.parallel import world_size
 from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
 from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
 from relapse.metrics.qa import qa_recall
-from relapse.models.io import load_model, reuse_or_claim
+from relapse.models.io import (
+    BFLOAT16_EMULATED,
+    PRECISIONS,
+    compute_dtype,
+    load_model,
+    reuse_or_claim,
+    round_to_bfloat16_,
+)
 from relapse.models.train import model_identity
 from relapse.runtime import (
     cache_dir,
@@ -57,7 +64,7 @@ UNLEARN_VERSION = 1
 DATA_CHOICES = ("text", "qa", "text+qa")
 TOKEN_CHOICES = ("all", "answer")
 REFERENCE_CHOICES = ("auto", "precompute", "model")
-WEIGHT_CHOICES = ("float32", "bfloat16")
+WEIGHT_CHOICES = PRECISIONS
 
 
 @dataclass
@@ -121,7 +128,7 @@ class UnlearnConfig:
             )
         if self.sure_per_step and self.sure_top is None:
             raise ConfigError("--sure-per-step needs --sure-top")
-        if self.weights == "bfloat16" and self.autocast_bf16:
+        if self.weights != "float32" and self.autocast_bf16:
             raise ConfigError("--autocast-bf16 is for float32 weights; bfloat16 weights need no autocast")
 
     @property
@@ -276,7 +283,10 @@ def unlearn_model(
         return UnlearnResult(out_path, existing, cached=True)
     threads_used = set_threads(threads)
     seed_everything(config.seed)
-    net, tokenizer = load_model(str(model), dtype=config.weights, device=str(target))
+    net, tokenizer = load_model(str(model), dtype=compute_dtype(config.weights), device=str(target))
+    emulate_bfloat16 = config.weights == BFLOAT16_EMULATED
+    if emulate_bfloat16:  # as loading in bfloat16 would: the start is the rounded model
+        round_to_bfloat16_(net.parameters())
     pad_id = tokenizer.pad_token_id
     forget = _examples(benchmark, "forget", config, tokenizer)
     retain = _examples(benchmark, "retain", config, tokenizer) if spec.needs_retain else []
@@ -370,6 +380,7 @@ def unlearn_model(
         before_step=refresh_mask if mask is not None and config.sure_per_step else None,
         after_backward=mask.after_backward if mask else None,
         after_step=mask.after_step if mask else None,
+        emulate_bfloat16=emulate_bfloat16,
     )
     if config.lora_r is not None:
         net = net.merge_and_unload()

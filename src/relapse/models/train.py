@@ -24,7 +24,15 @@ from relapse.errors import ConfigError
 from relapse.methods.loop import LoopConfig, run_loop, save_run, work_dir_for
 from relapse.methods.parallel import world_size
 from relapse.metrics.qa import qa_recall
-from relapse.models.io import load_model, read_record, reuse_or_claim
+from relapse.models.io import (
+    BFLOAT16_EMULATED,
+    PRECISIONS,
+    compute_dtype,
+    load_model,
+    read_record,
+    reuse_or_claim,
+    round_to_bfloat16_,
+)
 from relapse.models.tiny import TinyConfig, build_tiny
 from relapse.runtime import (
     cache_dir,
@@ -72,6 +80,8 @@ class TrainConfig:
             raise ConfigError(f"--stop-recall must be in (0, 1], got {self.stop_recall}")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"--epochs must be positive, got {self.epochs}")
+        if self.dtype not in PRECISIONS:
+            raise ConfigError(f"--dtype must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
 
     def key_fields(self, from_scratch: bool) -> dict[str, Any]:
         """The settings that determine the trained weights (checkpoint cadence does not)."""
@@ -150,10 +160,13 @@ def train_model(
     if base is None:
         # Built (and initialised) on the CPU, so the starting weights are the same on every device.
         model, tokenizer = build_tiny(config.tiny, benchmark, seed=config.seed)
-        model.to(torch.float32 if config.dtype == "float32" else getattr(torch, config.dtype))
+        model.to(getattr(torch, compute_dtype(config.dtype)))
         model.to(target)
     else:
-        model, tokenizer = load_model(base, dtype=config.dtype, device=str(target))
+        model, tokenizer = load_model(base, dtype=compute_dtype(config.dtype), device=str(target))
+    emulate_bfloat16 = config.dtype == BFLOAT16_EMULATED
+    if emulate_bfloat16:
+        round_to_bfloat16_(model.parameters())
 
     split_names = config.on.split("+")
     texts = benchmark.texts(config.on) + [qa_text(pair) for pair in benchmark.qa(config.on)]
@@ -185,6 +198,7 @@ def train_model(
         should_stop=should_stop,
         progress=progress,
         description=f"train {config.on}",
+        emulate_bfloat16=emulate_bfloat16,
     )
     final = {
         f"recall_{s}": qa_recall(model, tokenizer, benchmark.qa(s))["value"] for s in ("forget", "retain")
