@@ -63,13 +63,30 @@ GRIDS = {
         "unlearn_lr": [1e-5, 1e-4],
         "weights": ["float32", "bfloat16-emulated"],
     },
+    # Unlearning run until it forgets (forget recall <= 0.3, at most 48 steps), NPO+GDR only: with
+    # bfloat16 storage, 12 steps at lr 1e-5 move ~1% of the weights and forget nothing.
+    "cpu-deep": {
+        "finetune": [(3e-4, 200)],
+        "unlearn_lr": [1e-5, 1e-4],
+        "weights": ["float32", "bfloat16-emulated"],
+        "methods": ["npo+gdr"],
+        "unlearn_steps": 48,
+        "stop_forget_recall": 0.3,
+    },
 }
+UNLEARN_DEFAULTS = {"methods": ["ga+gdr", "npo+gdr"], "unlearn_steps": 12, "stop_forget_recall": None}
 
 
-def cell_experiment(finetune_lr: float, finetune_steps: int, weights: str, unlearn_lrs: list[float], device):
+def cell_experiment(
+    finetune_lr: float, finetune_steps: int, weights: str, grid: dict[str, Any], device: str | None
+) -> dict[str, Any]:
     """One fine-tuning setting with its unlearning runs, as an experiment file's contents."""
+    unlearn = {**UNLEARN_DEFAULTS, **grid}
+    steps = unlearn["unlearn_steps"]
+    suffix = "" if steps == UNLEARN_DEFAULTS["unlearn_steps"] else f"-u{steps}"
+    stop = unlearn["stop_forget_recall"]
     return {
-        "name": f"smollm2-ft{finetune_lr:g}-{weights}",
+        "name": f"smollm2-ft{finetune_lr:g}-{weights}{suffix}",
         "seed": 0,
         **({"device": device} if device else {}),
         "data": {"synth": {"people": 30, "facts_per_person": 3}},
@@ -85,10 +102,16 @@ def cell_experiment(finetune_lr: float, finetune_steps: int, weights: str, unlea
             "retrained": False,
         },
         "unlearn": {
-            "defaults": {"batch_size": 8, "max_steps": 12, "eval_every": 4, "weights": weights},
+            "defaults": {
+                "batch_size": 8,
+                "max_steps": steps,
+                "eval_every": 4,
+                "weights": weights,
+                **({"stop_forget_recall": stop} if stop is not None else {}),
+            },
             "runs": {
                 f"{method}-lr{lr:g}": {"method": method, "lr": lr}
-                for method, lr in itertools.product(("ga+gdr", "npo+gdr"), unlearn_lrs)
+                for method, lr in itertools.product(unlearn["methods"], grid["unlearn_lr"])
             },
         },
         "audit": {"attacks": ATTACKS, "metrics": ["recall", "nll"]},
@@ -182,14 +205,31 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="auto, cpu or cuda (default: relapse's default)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", action="append", default=[], help="run only this cell (repeatable)")
+    parser.add_argument(
+        "--collect",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="run nothing: merge these earlier --out folders' cells into --out (e.g. after parallel runs)",
+    )
     args = parser.parse_args()
     grid = GRIDS[args.grid]
     args.out.mkdir(parents=True, exist_ok=True)
     study_path = args.out / "study.json"
     done = json.loads(study_path.read_text()) if study_path.exists() else {"cells": []}
     finished = {cell["cell"] for cell in done["cells"]}
+    if args.collect:
+        for folder in args.collect:
+            for cell in json.loads((folder / "study.json").read_text())["cells"]:
+                if cell["cell"] not in finished:
+                    done["cells"].append(cell)
+                    finished.add(cell["cell"])
+        atomic_write_json(study_path, done)
+        atomic_write_text(args.out / "study.md", markdown(done["cells"]))
+        print(f"collected {len(done['cells'])} cells into {study_path}")
+        return
     for (finetune_lr, steps), weights in itertools.product(grid["finetune"], grid["weights"]):
-        spec = cell_experiment(finetune_lr, steps, weights, grid["unlearn_lr"], args.device)
+        spec = cell_experiment(finetune_lr, steps, weights, grid, args.device)
         if spec["name"] in finished or (args.only and spec["name"] not in args.only):
             continue
         started = time.perf_counter()
