@@ -36,11 +36,15 @@ def test_recovery_ratio_is_the_recovered_share_of_the_gap():
 
 
 def test_recovery_ratio_needs_a_gap_above_min_gap():
-    # min_gap(100) = 1e-6 + 1: a gap of 1 is too small, a gap of 2 is not.
+    # min_gap(100) = 1: a gap of 1 is too small, a gap of 2 is not.
     assert recovery_ratio(100, 99, 100) is None
     assert recovery_ratio(100, 99.5, 100) is None
     assert recovery_ratio(100, 98, 100) == 1.0
     assert recovery_ratio(0.5, 0.0, 0.0) is None  # no gap at all
+    # Near zero the absolute floor of 0.01 rules: a memorised answer's NLL (0.0208) against an unlearned
+    # model that barely moved (0.0211) is no gap, however the attacked value falls (this once gave -3018).
+    assert recovery_ratio(0.809, 0.0211, 0.0208, higher_is_better=False) is None
+    assert recovery_ratio(0.5, 0.0, 0.02) == pytest.approx(25.0)  # a gap of 0.02 is one
 
 
 def test_recovery_ratio_direction_of_the_gap():

@@ -39,9 +39,14 @@ FORGET_METRICS = (
 NO_ATTACK = "none"
 
 
+MIN_ABSOLUTE_GAP = 0.01
+"""No audited metric moves meaningfully by less: 0.01 of ROUGE, recall or AUC, or 0.01 nats of NLL. Without
+this floor a target that scores ~0 (a memorised answer's NLL is ~0.02) made ratios over gaps of 3e-4."""
+
+
 def min_gap(target_value: float) -> float:
-    """The smallest gap a ratio is computed for: 1% of the target's magnitude, and at least 1e-6."""
-    return 1e-6 + 0.01 * abs(target_value)
+    """The smallest gap a ratio is computed for: 1% of the target's magnitude, and at least 0.01."""
+    return max(MIN_ABSOLUTE_GAP, 0.01 * abs(target_value))
 
 
 def share_of_gap(
