@@ -33,10 +33,11 @@ from typing import Any
 
 from relapse.attacks.diagnostics import weight_diagnostics
 from relapse.attacks.rtn import parse_rtn_name
-from relapse.audit.recovery import NO_ATTACK, cell_key
+from relapse.audit.recovery import NO_ATTACK, cell_key, finish, min_gap
 from relapse.experiment import parse_experiment, run_experiment
 from relapse.models.io import load_model
 from relapse.models.parts import decoder_linear_weights
+from relapse.report.build import load_results
 from relapse.runtime import atomic_write_json, atomic_write_text
 
 ATTACKS = [
@@ -159,6 +160,20 @@ def summarize(name: str, result) -> dict[str, Any]:
     }
 
 
+def gap_kept(cell: dict[str, Any], label: str, attack: str, metric: str = "nll_forget") -> float | None:
+    """How much of the float gap between target T and unlearned U survives a quantizer Q:
+    ``(M(Q(T)) - M(Q(U))) / (M(T) - M(U))``. 1: the quantized models differ as the float ones do; 0: the
+    quantized unlearned model scores like the quantized target (the paper's relapse). The recovery ratio
+    compares Q(U) with the float target instead, which misleads when Q erases the target's knowledge too.
+    ``None`` when there is no gap (the audit's :func:`min_gap` rule) or a value is missing."""
+    values, target = cell["values"], cell["target"]
+    t, u = values[target][NO_ATTACK].get(metric), values[label][NO_ATTACK].get(metric)
+    qt, qu = (values[target].get(attack) or {}).get(metric), (values[label].get(attack) or {}).get(metric)
+    if None in (t, u, qt, qu) or abs(t - u) <= min_gap(t):
+        return None
+    return (qt - qu) / (t - u)
+
+
 def markdown(cells: list[dict[str, Any]]) -> str:
     lines = [
         "# SmolLM2-135M: where the quantization relapse begins",
@@ -180,6 +195,20 @@ def markdown(cells: list[dict[str, Any]]) -> str:
                 forget, retain = values.get("recall_forget"), values.get("recall_retain")
                 row.append("n/a" if forget is None else f"{forget:.2f} / {retain:.2f}")
             lines.append("| " + " | ".join(row) + " |")
+        lines += [
+            "",
+            "Share of the forget-answer NLL gap between target and unlearned model kept under each "
+            "quantizer (1 = kept, 0 = the quantized models are alike):",
+            "",
+        ]
+        lines.append("| model | " + " | ".join(QUANTIZERS) + " |")
+        lines.append("|" + "---|" * (len(QUANTIZERS) + 1))
+        for label in cell["values"]:
+            if label == cell["target"]:
+                continue
+            kept = (gap_kept(cell, label, quantizer) for quantizer in QUANTIZERS)
+            text = ("n/a" if k is None else f"{k:.2f}" for k in kept)
+            lines.append(f"| {label} | " + " | ".join(text) + " |")
         lines.append("")
         for label, grids in cell.get("diagnostics_finetune", {}).items():
             text = ", ".join(
@@ -222,6 +251,8 @@ def main() -> None:
         for folder in args.collect:
             for cell in json.loads((folder / "study.json").read_text())["cells"]:
                 if cell["cell"] not in finished:
+                    # Ratios by the current rule, from the audit's stored cells (nothing is rerun).
+                    cell["recovery"] = finish(load_results(folder / cell["cell"] / "audit"))["recovery"]
                     done["cells"].append(cell)
                     finished.add(cell["cell"])
         atomic_write_json(study_path, done)
