@@ -156,8 +156,19 @@ def summarize(name: str, result) -> dict[str, Any]:
         "values": rows,
         "recovery": results.get("recovery", {}),
         "diagnostics_unlearning": results.get("diagnostics", {}),
+        "moved_share": moved_shares(results),
         "target": target,
     }
+
+
+def moved_shares(results: dict[str, Any]) -> dict[str, float]:
+    """Share of the weights each unlearning run changed at all (bfloat16 storage loses small updates)."""
+    shares = {}
+    for label, info in results["models"].items():
+        record = Path(info["path"]) / "unlearn.json"
+        if info["role"] == "unlearned" and record.is_file():
+            shares[label] = json.loads(record.read_text())["weight_change"]["moved_share"]
+    return shares
 
 
 def gap_kept(cell: dict[str, Any], label: str, attack: str, metric: str = "nll_forget") -> float | None:
@@ -222,7 +233,9 @@ def markdown(cells: list[dict[str, Any]]) -> str:
                 f"{grid}: |dW|/step {d['mean_dw_over_step']:.3g}, codes changed {d['codes_changed']:.1%}"
                 for grid, d in grids.items()
             )
-            lines.append(f"- unlearning diagnostics ({label}): {text}")
+            moved = cell.get("moved_share", {}).get(label)
+            moved_text = "" if moved is None else f"; weights changed at all: {moved:.1%}"
+            lines.append(f"- unlearning diagnostics ({label}): {text}{moved_text}")
         lines.append("")
     return "\n".join(lines)
 
@@ -252,7 +265,9 @@ def main() -> None:
             for cell in json.loads((folder / "study.json").read_text())["cells"]:
                 if cell["cell"] not in finished:
                     # Ratios by the current rule, from the audit's stored cells (nothing is rerun).
-                    cell["recovery"] = finish(load_results(folder / cell["cell"] / "audit"))["recovery"]
+                    results = finish(load_results(folder / cell["cell"] / "audit"))
+                    cell["recovery"] = results["recovery"]
+                    cell.setdefault("moved_share", moved_shares(results))
                     done["cells"].append(cell)
                     finished.add(cell["cell"])
         atomic_write_json(study_path, done)
