@@ -278,7 +278,7 @@ def test_warning_for_grid_names_only_attacks_that_leave_the_base_unchanged():
     warning = warning_for_grid(" GGUF-Q4_1 ", {**GRID, "base_model": "smol"})
     assert warning is not None
     assert "gguf-q4_1" in warning and "smol" in warning and "blocks of 32" in warning
-    assert "return to the pretrained base" in warning
+    assert "returns to the pretrained base" in warning and "snaps back to the quantized target" in warning
     # Other 4-bit grids with blocks of 32 round the base weights elsewhere: no snap-back, no warning.
     for attack in ("rtn-w4-g32", "gguf-q5_1", "gguf-q4_0", "gguf-q8_0", "bnb-nf4", "relearn-retain-25"):
         assert warning_for_grid(attack, GRID) is None, attack

@@ -8,9 +8,10 @@ config, tokenizer) that every relapse command loads, with a provenance record ``
 
 The weights are *not* the original bfloat16 release: every decoder weight sits exactly on the Q4_1 grid
 it was stored on. An attack that rounds onto that same grid is a no-op on the base weights and erases
-small updates made after it, so its "recovery" measures a return to the pretrained base rather than
-hidden knowledge. :func:`base_grid` reads which grid a model's weights came from (following ``train.json``
-and ``unlearn.json`` back to the fetched folder), and :func:`grid_warning` words the warning an audit
+small updates made after it: a weak fine-tuning returns to the pretrained base, and an unlearning update
+made after a fine-tuning that survives the grid returns to the quantized target (docs/study-smollm2.md).
+:func:`base_grid` reads which grid a model's weights came from (following ``train.json`` and
+``unlearn.json`` back to the fetched folder), and :func:`grid_warning` words the warning an audit
 should show.
 """
 
@@ -40,8 +41,8 @@ NOTE = (
     "These weights are a Q4_1 GGUF file dequantized to float32, not the original bfloat16 release: every "
     "decoder linear weight sits exactly on a Q4_1 grid (blocks of 32 along each row, a float16 scale and "
     "minimum per block). The gguf-q4_1 attack rounds onto that same grid, so it leaves these weights "
-    "unchanged and rounds small fine-tuning or unlearning updates back towards them: under it, 'recovery' "
-    "means a return to this base model, not to the target."
+    "unchanged and rounds small fine-tuning or unlearning updates back towards them: under it, a weakly "
+    "fine-tuned model returns to this base model, and a small unlearning update to the quantized target."
 )
 
 # Decoder linear tensors in llama.cpp's naming; the ones relapse's weight attacks change by default.
@@ -513,8 +514,8 @@ def warning_for_grid(
     return (
         f"{attack} rounds onto the grid the {part} of {base} were stored on ({where.get('format')}, "
         f"blocks of {where.get('block')}{step_text}): it leaves those weights unchanged and erases most of "
-        "any update much smaller than a step, so recovery under it measures a return to the pretrained "
-        "base, not to the target"
+        "any update much smaller than a step, so a weakly fine-tuned target returns to the pretrained base "
+        "(check the quantized target's row) and a small unlearning update snaps back to the quantized target"
     )
 
 
