@@ -35,7 +35,7 @@ from typing import Any
 
 from relapse.attacks.diagnostics import weight_diagnostics
 from relapse.attacks.rtn import parse_rtn_name
-from relapse.audit.recovery import NO_ATTACK, cell_key, finish, min_gap
+from relapse.audit.recovery import NO_ATTACK, cell_key, finish, gap_kept
 from relapse.experiment import parse_experiment, run_experiment
 from relapse.models.io import load_model
 from relapse.models.parts import decoder_linear_weights
@@ -184,18 +184,17 @@ def moved_shares(results: dict[str, Any]) -> dict[str, float]:
     return shares
 
 
-def gap_kept(cell: dict[str, Any], label: str, attack: str, metric: str = "nll_forget") -> float | None:
-    """How much of the float gap between target T and unlearned U survives a quantizer Q:
-    ``(M(Q(T)) - M(Q(U))) / (M(T) - M(U))``. 1: the quantized models differ as the float ones do; 0: the
-    quantized unlearned model scores like the quantized target (the paper's relapse). The recovery ratio
-    compares Q(U) with the float target instead, which misleads when Q erases the target's knowledge too.
-    ``None`` when there is no gap (the audit's :func:`min_gap` rule) or a value is missing."""
+def cell_gap_kept(cell: dict[str, Any], label: str, attack: str) -> float | None:
+    """:func:`relapse.audit.recovery.gap_kept` of the forget answers' NLL for one unlearned model of a cell:
+    1 = the quantized models differ as the float ones do, 0 = the quantized unlearned model scores like
+    the quantized target (the paper's relapse)."""
     values, target = cell["values"], cell["target"]
-    t, u = values[target][NO_ATTACK].get(metric), values[label][NO_ATTACK].get(metric)
-    qt, qu = (values[target].get(attack) or {}).get(metric), (values[label].get(attack) or {}).get(metric)
-    if None in (t, u, qt, qu) or abs(t - u) <= min_gap(t):
-        return None
-    return (qt - qu) / (t - u)
+
+    def nll(model: str, name: str) -> float | None:
+        return (values[model].get(name) or {}).get("nll_forget")
+
+    unlearned, float_target = nll(label, NO_ATTACK), nll(target, NO_ATTACK)
+    return gap_kept(nll(target, attack), nll(label, attack), unlearned, float_target, higher_is_better=True)
 
 
 def markdown(cells: list[dict[str, Any]]) -> str:
@@ -231,7 +230,7 @@ def markdown(cells: list[dict[str, Any]]) -> str:
         for label in cell["values"]:
             if label == cell["target"]:
                 continue
-            kept = (gap_kept(cell, label, attack) for attack in columns)
+            kept = (cell_gap_kept(cell, label, attack) for attack in columns)
             text = ("n/a" if k is None else f"{k:.2f}" for k in kept)
             lines.append(f"| {label} | " + " | ".join(text) + " |")
         lines.append("")

@@ -13,7 +13,14 @@ import torch
 
 from relapse.attacks.rtn import QuantScheme
 from relapse.audit import sweep
-from relapse.audit.recovery import finish, recovery_ratio, recovery_table, share_of_gap, verdict
+from relapse.audit.recovery import (
+    finish,
+    gap_kept,
+    recovery_ratio,
+    recovery_table,
+    share_of_gap,
+    verdict,
+)
 from relapse.audit.sweep import AuditConfig, diagnostic_scheme, run_audit
 from relapse.cli import main
 from relapse.data.benchmark import load_benchmark
@@ -62,6 +69,17 @@ def test_recovery_ratio_direction_of_the_gap():
 )
 def test_recovery_ratio_missing_values_give_none(attacked, unlearned, target):
     assert recovery_ratio(attacked, unlearned, target) is None
+
+
+def test_gap_kept_compares_the_attacked_target_with_the_attacked_unlearned_model():
+    # Target 100, unlearned 20 (gap 80). The attack takes the target down to 60 and the unlearned model up
+    # to 55: recovery against the float target says 35/80, but the attacked models are 5 apart, 5/80 kept.
+    assert recovery_ratio(55, 20, 100, higher_is_better=False) == pytest.approx(35 / 80)
+    assert gap_kept(60, 55, 20, 100, higher_is_better=False) == pytest.approx(5 / 80)
+    assert gap_kept(100, 20, 20, 100, higher_is_better=False) == pytest.approx(1.0)  # nothing changes
+    assert gap_kept(None, 20, 20, 100) is None
+    assert gap_kept(60, 55, 99.5, 100) is None  # no gap (below min_gap)
+    assert gap_kept(60, 55, 120, 100, higher_is_better=False) is None  # did not forget
 
 
 def test_recovery_ratio_nan_target_gives_none():
@@ -123,6 +141,9 @@ def test_recovery_table_on_hand_built_results():
     assert row["noise-like-rtn-w4-g128"]["knowmem_forget:control"] == pytest.approx(-0.3)
     assert table["partial"]["rtn-w4-g128"]["knowmem_forget"] == pytest.approx(0.0625)
     assert table["partial"]["relearn-retain-25"]["knowmem_forget"] is None  # the cell is missing
+    # The target scores 100 under every attack: rtn leaves the attacked models 100 - 52 = 48 of 80 apart.
+    assert row["rtn-w4-g128"]["knowmem_forget:kept"] == pytest.approx(0.6)
+    assert table["partial"]["relearn-retain-25"]["knowmem_forget:kept"] is None
     assert all(v is None for attack in ATTACKS for v in table["never"][attack].values())
 
 

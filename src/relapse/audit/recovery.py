@@ -81,6 +81,26 @@ def recovery_ratio(
     return share_of_gap(shift, unlearned, target, higher_is_better)
 
 
+def gap_kept(
+    attacked_target: float | None,
+    attacked_unlearned: float | None,
+    unlearned: float | None,
+    target: float | None,
+    higher_is_better: bool | None = None,
+) -> float | None:
+    """``(M(A(T)) - M(A(U))) / (M(T) - M(U))``: how much of the target-unlearned gap survives the attack.
+
+    1: the attacked models differ as the originals do; 0: the attacked unlearned model scores like the
+    attacked target. The recovery ratio compares A(U) with the *unattacked* target, which reads a
+    quantizer that erases the target's own knowledge as "nothing recovered"; this compares like with
+    like. Read it only where A(T) still knows what T knew: if A erases it, the two attacked models are
+    alike for a trivial reason. ``None`` under the same gap rules as :func:`share_of_gap`.
+    """
+    if attacked_target is None or attacked_unlearned is None:
+        return None
+    return share_of_gap(attacked_target - attacked_unlearned, unlearned, target, higher_is_better)
+
+
 def cell_value(results: dict[str, Any], model: str, attack: str, metric: str) -> float | None:
     cell = results.get("cells", {}).get(cell_key(model, attack))
     if not cell or metric not in cell["metrics"]:
@@ -119,10 +139,11 @@ def finish(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def recovery_table(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:
-    """``{unlearned: {attack: {metric: ratio}}}`` for every forget metric, plus ``control`` ratios.
+    """``{unlearned: {attack: {metric: ratio}}}`` for every forget metric, plus ``control`` and ``kept``.
 
     The control is the retrained model's move under the attack over the same gap, under the key
-    ``"{metric}:control"``.
+    ``"{metric}:control"``. Under ``"{metric}:kept"`` is the share of the gap the attack keeps between the
+    attacked target and the attacked unlearned model (:func:`gap_kept`).
     """
     target = _role(results, "target")
     retrained = _role(results, "retrained")
@@ -137,6 +158,13 @@ def recovery_table(results: dict[str, Any]) -> dict[str, dict[str, dict[str, flo
                 target_value = cell_value(results, target, NO_ATTACK, metric)
                 row[metric] = recovery_ratio(
                     cell_value(results, model, attack, metric), unlearned_value, target_value, direction
+                )
+                row[f"{metric}:kept"] = gap_kept(
+                    cell_value(results, target, attack, metric),
+                    cell_value(results, model, attack, metric),
+                    unlearned_value,
+                    target_value,
+                    direction,
                 )
                 if retrained:
                     before = cell_value(results, retrained, NO_ATTACK, metric)

@@ -15,7 +15,7 @@ settings in the same folder are refused unless ``overwrite``.
      "diagnostics": {label: {attack: {mean_abs_dw, mean_dw_over_step, share_below_half_step,
                      codes_changed, projection}}},
      "device": str (where the latest run ran; each cell also names its own "device"),
-     "recovery": {label: {attack: {metric: ratio | None, "metric:control": ratio | None}}},
+     "recovery": {label: {attack: {metric: ratio | None, "metric:control": ..., "metric:kept": ...}}},
      "verdicts": {label: {"status", "text", ...}}, "seed": int, "versions": {...}}
 
 The attack ``none`` is the model as it is.
