@@ -42,18 +42,9 @@ from relapse.models.parts import decoder_linear_weights
 from relapse.report.build import load_results
 from relapse.runtime import atomic_write_json, atomic_write_text
 
-ATTACKS = [
-    "rtn-w4-g64-sym",
-    "rtn-w4-ch",
-    "gptq-w4-g64",
-    "bnb-fp4",
-    "bnb-nf4",
-    "gguf-q4_1",
-    "relearn-retain-25",
-    "noise-like-rtn-w4-g64-sym",
-]
 NOISE_CONTROL = "noise-like-rtn-w4-g64-sym"
 QUANTIZERS = ["rtn-w4-g64-sym", "rtn-w4-ch", "gptq-w4-g64", "bnb-fp4", "bnb-nf4", "gguf-q4_1"]
+ATTACKS = [*QUANTIZERS, "relearn-retain-25", NOISE_CONTROL]
 GRIDS = {
     "quick": {"finetune": [(3e-4, 200)], "unlearn_lr": [1e-5, 1e-4], "weights": ["float32"]},
     "full": {

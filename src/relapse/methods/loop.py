@@ -171,7 +171,8 @@ def run_loop(
             the gradients of frozen weights).
         after_step: called right after each optimiser step (e.g. to restore frozen weights).
         emulate_bfloat16: keep the trainable weights, their gradients and the Adam moments on bfloat16
-            values while computing in float32 (see :data:`relapse.models.io.PRECISIONS`).
+            values while computing in float32 (see :data:`relapse.models.io.PRECISIONS`). The weights
+            should start on bfloat16 values, as ``load_model(..., dtype="bfloat16-emulated")`` leaves them.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -192,9 +193,6 @@ def run_loop(
         start_step, history, loss_curve = state["step"], state["history"], state["loss_curve"]
         elapsed_before = state["elapsed_s"]
         resumed_from = start_step
-
-    if emulate_bfloat16:
-        round_to_bfloat16_(params)
 
     model.train()
     started = time.perf_counter()

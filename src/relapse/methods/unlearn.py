@@ -40,14 +40,7 @@ from relapse.methods.parallel import world_size
 from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
 from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
 from relapse.metrics.qa import qa_recall
-from relapse.models.io import (
-    BFLOAT16_EMULATED,
-    PRECISIONS,
-    compute_dtype,
-    load_model,
-    reuse_or_claim,
-    round_to_bfloat16_,
-)
+from relapse.models.io import BFLOAT16_EMULATED, PRECISIONS, load_model, reuse_or_claim
 from relapse.models.train import model_identity
 from relapse.runtime import (
     cache_dir,
@@ -283,10 +276,7 @@ def unlearn_model(
         return UnlearnResult(out_path, existing, cached=True)
     threads_used = set_threads(threads)
     seed_everything(config.seed)
-    net, tokenizer = load_model(str(model), dtype=compute_dtype(config.weights), device=str(target))
-    emulate_bfloat16 = config.weights == BFLOAT16_EMULATED
-    if emulate_bfloat16:  # as loading in bfloat16 would: the start is the rounded model
-        round_to_bfloat16_(net.parameters())
+    net, tokenizer = load_model(str(model), dtype=config.weights, device=str(target))
     pad_id = tokenizer.pad_token_id
     forget = _examples(benchmark, "forget", config, tokenizer)
     retain = _examples(benchmark, "retain", config, tokenizer) if spec.needs_retain else []
@@ -380,7 +370,7 @@ def unlearn_model(
         before_step=refresh_mask if mask is not None and config.sure_per_step else None,
         after_backward=mask.after_backward if mask else None,
         after_step=mask.after_step if mask else None,
-        emulate_bfloat16=emulate_bfloat16,
+        emulate_bfloat16=config.weights == BFLOAT16_EMULATED,
     )
     if config.lora_r is not None:
         net = net.merge_and_unload()

@@ -41,6 +41,14 @@ def round_to_bfloat16_(tensors) -> None:
             tensor.copy_(tensor.to(torch.bfloat16))
 
 
+def apply_precision_(model: torch.nn.Module, precision: str) -> None:
+    """Hold ``model`` in a training precision (:data:`PRECISIONS`): cast it to the precision's dtype, and
+    for emulated bfloat16 round its parameters to bfloat16 values, as loading in bfloat16 would."""
+    model.to(parse_dtype(compute_dtype(precision)))
+    if precision == BFLOAT16_EMULATED:
+        round_to_bfloat16_(model.parameters())
+
+
 def parse_dtype(name: str) -> torch.dtype:
     """``"float32"``/``"bfloat16"``/``"float16"`` to a torch dtype, with a clear error otherwise."""
     try:
@@ -64,7 +72,8 @@ def load_model(
 
     Args:
         name_or_path: a folder written by ``save_pretrained`` (or :func:`save_model`), or a hub id.
-        dtype: weight dtype, one of ``float32``, ``bfloat16``, ``float16``.
+        dtype: weight dtype, one of ``float32``, ``bfloat16``, ``float16``, or ``bfloat16-emulated``
+            (float32 holding bfloat16 values, see :data:`PRECISIONS`).
         device: a torch device string; ``"cpu"`` by default.
         trust_remote_code: allow the model repository's own Python code to run. Off by default.
         revision: hub revision (branch, tag or commit) for hub ids.
@@ -73,7 +82,7 @@ def load_model(
         ModelError: the folder is missing, has no safetensors weights, or the model cannot be loaded.
     """
     name = str(name_or_path)
-    torch_dtype = parse_dtype(dtype)
+    parse_dtype(compute_dtype(dtype))  # a bad dtype fails before any loading
     if _looks_like_path(name):
         folder = Path(name).expanduser()
         if not folder.is_dir():
@@ -92,7 +101,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
-            dtype=torch_dtype,
+            dtype=parse_dtype(compute_dtype(dtype)),
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             revision=revision,
@@ -103,6 +112,7 @@ def load_model(
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {name!r}: {first_line}") from None
+    apply_precision_(model, dtype)
     model.to(device)
     model.eval()
     if tokenizer.pad_token is None:

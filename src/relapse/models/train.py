@@ -27,11 +27,10 @@ from relapse.metrics.qa import qa_recall
 from relapse.models.io import (
     BFLOAT16_EMULATED,
     PRECISIONS,
-    compute_dtype,
+    apply_precision_,
     load_model,
     read_record,
     reuse_or_claim,
-    round_to_bfloat16_,
 )
 from relapse.models.tiny import TinyConfig, build_tiny
 from relapse.runtime import (
@@ -160,13 +159,10 @@ def train_model(
     if base is None:
         # Built (and initialised) on the CPU, so the starting weights are the same on every device.
         model, tokenizer = build_tiny(config.tiny, benchmark, seed=config.seed)
-        model.to(getattr(torch, compute_dtype(config.dtype)))
+        apply_precision_(model, config.dtype)
         model.to(target)
     else:
-        model, tokenizer = load_model(base, dtype=compute_dtype(config.dtype), device=str(target))
-    emulate_bfloat16 = config.dtype == BFLOAT16_EMULATED
-    if emulate_bfloat16:
-        round_to_bfloat16_(model.parameters())
+        model, tokenizer = load_model(base, dtype=config.dtype, device=str(target))
 
     split_names = config.on.split("+")
     texts = benchmark.texts(config.on) + [qa_text(pair) for pair in benchmark.qa(config.on)]
@@ -198,7 +194,7 @@ def train_model(
         should_stop=should_stop,
         progress=progress,
         description=f"train {config.on}",
-        emulate_bfloat16=emulate_bfloat16,
+        emulate_bfloat16=config.dtype == BFLOAT16_EMULATED,
     )
     final = {
         f"recall_{s}": qa_recall(model, tokenizer, benchmark.qa(s))["value"] for s in ("forget", "retain")
