@@ -534,3 +534,39 @@ def test_cli_report_without_results_is_exit_2(tmp_path, capsys):
     assert len(lines) == 1
     assert lines[0].startswith("relapse: error:") and "results.json" in lines[0]
     assert captured.out == ""
+
+
+def _with_retain(results: dict, values: dict[str, float]) -> dict:
+    """``results`` with knowmem_retain (higher is better) added to each model's unattacked cell."""
+    for label, value in values.items():
+        results["cells"][f"{label}|none"]["metrics"]["knowmem_retain"] = {
+            "value": value,
+            "higher_is_better": True,
+            "best": None,
+            "views": {},
+        }
+    return results
+
+
+def test_utility_gate_marks_a_model_below_the_floor_over_unlearned():
+    # target 80: the floor is 0.9 * 80 = 72; 71.9 is below it, 72 is not.
+    results = _with_retain(hand_results(), {"target": 80, "uncovers": 71.9, "teaches": 72})
+    low = verdict(results, "uncovers")
+    assert low["status"] == "relapses"  # the relapse verdict stands; the gate is said beside it
+    assert low["utility"] == {
+        "metric": "knowmem_retain",
+        "value": 71.9,
+        "target": 80,
+        "floor": 0.9,
+        "over_unlearned": True,
+    }
+    assert low["text"].endswith("; over-unlearned: knowmem_retain 71.9 is below 90% of the target's 80")
+    kept = verdict(results, "teaches")
+    assert kept["utility"]["over_unlearned"] is False
+    assert kept["text"] == "forgetting holds under all 3 attacks"
+
+
+def test_utility_gate_is_unknown_without_a_retain_metric():
+    found = verdict(hand_results(), "uncovers")
+    assert found["utility"]["over_unlearned"] is None
+    assert "over-unlearned" not in found["text"]

@@ -385,8 +385,19 @@ def test_parse_method_accepts_paper_spellings(spelling, canonical):
     assert parse_method(spelling).name == canonical
 
 
-def test_method_names_are_the_six_baselines():
-    assert sorted(method_names()) == sorted(SIX)
+def test_method_names_are_the_six_baselines_and_the_added_methods():
+    added = {"simnpo", "simnpo+gdr", "simnpo+klr", "simnpo+act", "rmu", "rmu+gdr", "rmu+klr"}
+    added |= {"ga+act", "npo+act"}
+    assert sorted(method_names()) == sorted(set(SIX) | added)
+
+
+def test_a_forget_term_implies_its_own_regularizer():
+    spec = parse_method("rmu")
+    assert (spec.forget, spec.regularizer, spec.name) == ("rmu", "act", "rmu")
+    assert parse_method("rmu+act") == spec
+    assert parse_method("rmu+gdr").name == "rmu+gdr"
+    assert spec.needs_reference and spec.needs_retain
+    assert not parse_method("simnpo").needs_reference  # SimNPO is reference-free
 
 
 @pytest.mark.parametrize(

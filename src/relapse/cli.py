@@ -247,7 +247,7 @@ def _cmd_train(args) -> int:
 
 
 def _add_unlearn(subparsers) -> None:
-    from relapse.methods.registry import FORGET_LOSSES, REGULARIZERS, VARIANTS, method_names
+    from relapse.methods.registry import VARIANTS, method_names, term_summaries
     from relapse.methods.unlearn import (
         DATA_CHOICES,
         REFERENCE_CHOICES,
@@ -257,7 +257,7 @@ def _add_unlearn(subparsers) -> None:
     )
 
     d = UnlearnConfig()
-    losses_help = "; ".join(f"{k}: {v}" for k, v in {**FORGET_LOSSES, **REGULARIZERS}.items())
+    losses_help = "; ".join(f"{k}: {v}" for k, v in term_summaries().items())
     p = subparsers.add_parser(
         "unlearn",
         help=COMMAND_HELP["unlearn"],
@@ -270,6 +270,36 @@ def _add_unlearn(subparsers) -> None:
     p.add_argument("--method", default=d.method, choices=method_names(), help=f"(default {d.method})")
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"regulariser weight (default {d.alpha})")
     p.add_argument("--beta", type=float, default=d.beta, help=f"NPO temperature (default {d.beta})")
+    p.add_argument(
+        "--simnpo-beta",
+        type=float,
+        default=d.simnpo_beta,
+        help=f"SimNPO temperature (default {d.simnpo_beta})",
+    )
+    p.add_argument(
+        "--simnpo-gamma",
+        type=float,
+        default=d.simnpo_gamma,
+        help=f"SimNPO margin (default {d.simnpo_gamma:g})",
+    )
+    p.add_argument(
+        "--rmu-layer",
+        type=int,
+        default=d.rmu_layer,
+        help="RMU: the decoder layer whose output is steered (default: a quarter of the way up)",
+    )
+    p.add_argument(
+        "--rmu-coeff",
+        type=float,
+        default=d.rmu_coeff,
+        help=f"RMU: the steering vector's norm c (default {d.rmu_coeff:g})",
+    )
+    p.add_argument(
+        "--sam-rho",
+        type=float,
+        default=None,
+        help="sharpness-aware minimisation with this neighbourhood radius, on any method (e.g. 0.05)",
+    )
     p.add_argument(
         "--variant",
         choices=VARIANTS,
@@ -350,6 +380,22 @@ def _add_unlearn(subparsers) -> None:
         default=None,
         help="stop once the forget examples' mean token NLL (nats) is at or above this",
     )
+    p.add_argument(
+        "--select-lr",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="LR",
+        help="try these learning rates (largest first) and keep the run that reaches the forget target "
+        "with the highest retain recall; needs --stop-forget-recall or --stop-forget-nll",
+    )
+    p.add_argument(
+        "--utility-floor",
+        type=float,
+        default=d.utility_floor,
+        help="a run whose retain recall ends below this share of the starting model's is marked "
+        f"over-unlearned (default {d.utility_floor:g})",
+    )
     p.add_argument("--eval-every", type=int, default=d.eval_every, help=f"(default {d.eval_every})")
     p.add_argument(
         "--checkpoint-every", type=int, default=d.checkpoint_every, help=f"(default {d.checkpoint_every})"
@@ -368,6 +414,13 @@ def _cmd_unlearn(args) -> int:
         method=args.method,
         alpha=args.alpha,
         beta=args.beta,
+        simnpo_beta=args.simnpo_beta,
+        simnpo_gamma=args.simnpo_gamma,
+        rmu_layer=args.rmu_layer,
+        rmu_coeff=args.rmu_coeff,
+        sam_rho=args.sam_rho,
+        select_lr=args.select_lr,
+        utility_floor=args.utility_floor,
         variant=args.variant,
         lr=args.lr,
         max_steps=args.steps,
@@ -410,6 +463,26 @@ def _cmd_unlearn(args) -> int:
         f"{result.path}: {record['method']}, {_run_summary(result, 'cached, unlearned earlier')}; "
         f"mean |dW| {record['weight_change']['mean_abs']:.3g}"
     )
+    selection = record.get("selection")
+    if selection:
+        tried = ", ".join(
+            f"{row['lr']:g}: "
+            + (
+                "skipped"
+                if "skipped" in row
+                else f"{row['steps']} steps, forget {row['final']['recall_forget']:.2f}, "
+                f"retain {row['final']['recall_retain']:.2f}"
+                + ("" if row["reached_target"] else " (no target)")
+            )
+            for row in selection["candidates"]
+        )
+        print(f"selected lr {selection['chosen_lr']:g} of {tried}")
+    if (record.get("utility") or {}).get("over_unlearned"):
+        utility = record["utility"]
+        print(
+            f"over-unlearned: retain recall {utility['final_recall_retain']:.2f} is below "
+            f"{utility['floor']:.0%} of the starting model's {utility['start_recall_retain']:.2f}"
+        )
     if record.get("sure"):
         sure = record["sure"]
         print(

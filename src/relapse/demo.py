@@ -32,13 +32,13 @@ def run_demo(
 def models_table(result: ExperimentResult) -> str:
     """The trained and unlearned models with their QA recall, one row each."""
     header = (
-        f"{'model':<14} {'made by':<22} {'steps':>6} {'seconds':>8} {'cached':>7} {'forget':>7} {'retain':>7}"
+        f"{'model':<14} {'made by':<30} {'steps':>6} {'seconds':>8} {'cached':>7} {'forget':>7} {'retain':>7}"
     )
     lines = [header, "-" * len(header)]
     for label, row in result.models.items():
         final = row["final"]
         lines.append(
-            f"{label:<14} {row['how']:<22} {row['steps'] or 0:>6} {row['seconds'] or 0:>8.1f} "
+            f"{label:<14} {row['how']:<30} {row['steps'] or 0:>6} {row['seconds'] or 0:>8.1f} "
             f"{'yes' if row['cached'] else 'no':>7} {final.get('recall_forget', float('nan')):>7.3f} "
             f"{final.get('recall_retain', float('nan')):>7.3f}"
         )

@@ -258,7 +258,7 @@ def run_experiment(
             progress=progress,
             device=target,
         )
-        models[name] = _model_row(name, _describe(config), result)
+        models[name] = _model_row(name, _describe(config, result.record), result)
         say(_row_line(models[name]))
     attacks, notes = available_attacks(experiment.attacks)
     metrics = list(experiment.metrics)
@@ -345,8 +345,9 @@ def _prepare_data(experiment: Experiment, out: Path, say) -> Path:
     return data_dir
 
 
-def _describe(config) -> str:
-    """A method with the settings that change its character, e.g. ``npo+gdr SURE 10% bf16``."""
+def _describe(config, record: dict[str, Any] | None = None) -> str:
+    """A method with the settings that change its character, e.g. ``npo+gdr SURE 10% bf16 lr 1e-4``;
+    a selected rate shows how many were tried (``lr 1e-4 of 2``)."""
     parts = [config.method]
     if config.sure_top is not None:
         parts.append(f"SURE {config.sure_top:.0%}")
@@ -354,7 +355,13 @@ def _describe(config) -> str:
         parts.append(f"LoRA r{config.lora_r}")
     if config.weights != "float32":
         parts.append({"bfloat16": "bf16"}.get(config.weights, "bf16-emulated"))
-    parts.append(f"lr {config.lr:g}")
+    if config.sam_rho is not None:
+        parts.append(f"SAM {config.sam_rho:g}")
+    selection = (record or {}).get("selection")
+    if selection:
+        parts.append(f"lr {selection['chosen_lr']:g} of {len(selection['candidates'])}")
+    else:
+        parts.append(f"lr {config.lr:g}")
     return " ".join(parts)
 
 
@@ -366,7 +373,8 @@ def _model_row(label: str, how: str, result) -> dict[str, Any]:
         "path": str(result.path),
         "cached": result.cached,
         "steps": record.get("steps"),
-        "seconds": record.get("wall_time_s"),
+        # A selected run took the whole sweep's time.
+        "seconds": (record.get("selection") or {}).get("seconds", record.get("wall_time_s")),
         "final": record.get("final", {}),
     }
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from relapse.methods.select import DEFAULT_UTILITY_FLOOR
+
 #: A recovered share at or above this makes a verdict say "relapses".
 RELAPSE_THRESHOLD = 0.25
 
@@ -37,6 +39,10 @@ FORGET_METRICS = (
 )
 
 NO_ATTACK = "none"
+
+#: Retain-set metrics (higher = better) that say whether an unlearned model kept its utility, in order
+#: of preference: the first one measured for both the model and the target is used.
+UTILITY_METRICS = ("knowmem_retain", "recall_retain")
 
 
 MIN_ABSOLUTE_GAP = 0.01
@@ -176,7 +182,44 @@ def recovery_table(results: dict[str, Any]) -> dict[str, dict[str, dict[str, flo
     return table
 
 
+def utility_gate(results: dict[str, Any], model: str, floor: float = DEFAULT_UTILITY_FLOOR) -> dict[str, Any]:
+    """Whether ``model`` kept its utility: its retain metric against ``floor`` x the target's.
+
+    ``over_unlearned`` is None when no retain metric was measured for both.
+    """
+    target = _role(results, "target")
+    for metric in UTILITY_METRICS:
+        value = cell_value(results, model, NO_ATTACK, metric)
+        reference = cell_value(results, target, NO_ATTACK, metric) if target else None
+        if value is not None and reference is not None:
+            return {
+                "metric": metric,
+                "value": value,
+                "target": reference,
+                "floor": floor,
+                "over_unlearned": value < floor * reference,
+            }
+    return {"metric": None, "floor": floor, "over_unlearned": None}
+
+
+def _with_utility(result: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """A verdict with its utility gate, and the text saying so when the model is over-unlearned."""
+    gate = utility_gate(results, result["model"])
+    result["utility"] = gate
+    if gate["over_unlearned"]:
+        result["text"] += (
+            f"; over-unlearned: {gate['metric']} {_fmt(gate['value'])} is below {gate['floor']:.0%} of the "
+            f"target's {_fmt(gate['target'])}"
+        )
+    return result
+
+
 def verdict(results: dict[str, Any], model: str, table: dict | None = None) -> dict[str, Any]:
+    """The one-line answer for an unlearned model (see :func:`relapse_verdict`), with its utility gate."""
+    return _with_utility(relapse_verdict(results, model, table), results)
+
+
+def relapse_verdict(results: dict[str, Any], model: str, table: dict | None = None) -> dict[str, Any]:
     """The one-line answer for an unlearned model, with the numbers behind it.
 
     An attack counts as a relapse when, on some one-sided forget metric, it recovers at least

@@ -54,6 +54,7 @@ class LoopConfig:
     schedule: str = "constant"
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    sam_rho: float | None = None
     eval_every: int = 100
     checkpoint_every: int = 100
     seed: int = 0
@@ -69,6 +70,8 @@ class LoopConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.eval_every < 1 or self.checkpoint_every < 1:
             raise ConfigError("eval_every and checkpoint_every must be at least 1")
+        if self.sam_rho is not None and not self.sam_rho > 0:
+            raise ConfigError(f"sam_rho must be positive, got {self.sam_rho}")
 
     @classmethod
     def from_settings(cls, settings: Any, steps_per_epoch: int) -> LoopConfig:
@@ -212,25 +215,17 @@ def run_loop(
                 group["lr"] = lr_at(step, config)
             if before_step is not None:
                 before_step(step)
-            optimizer.zero_grad(set_to_none=True)
-            logs_sum: dict[str, float] = {}
-            total = 0.0
-            for micro in range(config.grad_accum):
-                batch = batch_for_step(step, micro)
-                if parallel is not None:
-                    batch = parallel.shard(batch)
-                loss, logs = loss_fn(model, to_device(batch, device))
-                (loss / config.grad_accum).backward()
-                total += float(loss.detach()) / config.grad_accum
-                for key, value in logs.items():
-                    logs_sum[key] = logs_sum.get(key, 0.0) + value / config.grad_accum
-            if parallel is not None:
-                parallel.average_gradients(params)
-                total = parallel.mean(total)
-            if emulate_bfloat16:
-                round_to_bfloat16_(p.grad for p in params)
+            total, logs_sum = _step_gradients(
+                model, params, config, step, batch_for_step, loss_fn, parallel, device, emulate_bfloat16
+            )
             if after_backward is not None:
                 after_backward()
+            if config.sam_rho is not None:
+                _sharpness_aware_gradients(
+                    model, params, config, step, batch_for_step, loss_fn, parallel, device, emulate_bfloat16
+                )
+                if after_backward is not None:
+                    after_backward()
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -274,6 +269,52 @@ def run_loop(
         history=history,
         loss_curve=loss_curve,
     )
+
+
+def _step_gradients(
+    model, params, config, step, batch_for_step, loss_fn, parallel, device, emulate_bfloat16
+) -> tuple[float, dict[str, float]]:
+    """Fill ``.grad`` with the step's gradient (all micro-batches; averaged over processes; on bfloat16
+    values when emulating) and return the step's mean loss and logs."""
+    for p in params:
+        p.grad = None
+    logs_sum: dict[str, float] = {}
+    total = 0.0
+    for micro in range(config.grad_accum):
+        batch = batch_for_step(step, micro)
+        if parallel is not None:
+            batch = parallel.shard(batch)
+        loss, logs = loss_fn(model, to_device(batch, device))
+        (loss / config.grad_accum).backward()
+        total += float(loss.detach()) / config.grad_accum
+        for key, value in logs.items():
+            logs_sum[key] = logs_sum.get(key, 0.0) + value / config.grad_accum
+    if parallel is not None:
+        parallel.average_gradients(params)
+        total = parallel.mean(total)
+    if emulate_bfloat16:
+        round_to_bfloat16_(p.grad for p in params)
+    return total, logs_sum
+
+
+def _sharpness_aware_gradients(model, params, config, step, *gradient_args) -> None:
+    """Replace ``.grad`` by SAM's gradient (Foret et al. 2021): the gradient at the nearby weights
+    ``w + rho * g / ||g||`` where the loss rises fastest, to be applied at ``w``.
+
+    The weights are put back from a copy, not by subtracting, so they (and frozen weights) are
+    bit-identical afterwards; a missing gradient counts as zero.
+    """
+    saved = [p.detach().clone() for p in params]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    scale = config.sam_rho / (float(norm) + 1e-12)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.add_(g, alpha=scale)
+    _step_gradients(model, params, config, step, *gradient_args)
+    with torch.no_grad():
+        for p, value in zip(params, saved, strict=True):
+            p.copy_(value)
 
 
 def _adam_moments(optimizer: torch.optim.Optimizer):

@@ -10,6 +10,13 @@ Definitions (see DESIGN.md, "Methods"):
 - NPO (Zhang et al. 2024, arXiv 2404.05868): ``-(2/beta) * mean_i logsigmoid(-beta * (log p_theta(y_i) -
   log p_ref(y_i)))`` where ``log p(y_i)`` is the *summed* log-likelihood of sequence ``i``'s counted
   tokens.
+- SimNPO (Fan et al. 2024, arXiv 2410.07163): ``-(2/beta) * mean_i logsigmoid(-(beta/|y_i|) * log
+  p_theta(y_i) - gamma)``: NPO without a reference model, on the length-normalised log-likelihood, with a
+  margin ``gamma``.
+- RMU (Li et al. 2024, WMDP, arXiv 2403.03218): ``mean ||h_l(x) - c*u||^2`` over forget tokens (the
+  hidden state at layer ``l`` steered to a fixed random unit vector ``u`` scaled by ``c``), and ``mean
+  ||h_l(x) - h_l^start(x)||^2`` over retain tokens; both squared norms divided by the hidden size, as
+  ``mse_loss`` averages them.
 - GDR: ``CE(retain)``.
 - KLR: ``KL(p_ref || p_theta)`` of the next-token distributions, averaged over counted retain positions.
 
@@ -71,6 +78,32 @@ def npo_loss(seq_logp: torch.Tensor, ref_seq_logp: torch.Tensor, beta: float = 0
     """
     log_ratio = seq_logp - ref_seq_logp.to(seq_logp.dtype)
     return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+
+
+def simnpo_loss(
+    seq_logp: torch.Tensor, lengths: torch.Tensor, beta: float = 2.5, gamma: float = 0.0
+) -> torch.Tensor:
+    """SimNPO on summed sequence log-likelihoods ``[B]`` and counted-token counts ``[B]``.
+
+    With ``n_i`` the mean token NLL of sequence ``i`` it is ``(2/beta) * mean_i log(1 + exp(gamma - beta *
+    n_i))``: no reference model is needed, long and short answers weigh alike, and it falls towards 0 as
+    ``n_i`` grows past ``gamma / beta``.
+    """
+    mean_logp = seq_logp / lengths.to(seq_logp.dtype).clamp(min=1)
+    return -(2.0 / beta) * F.logsigmoid(-beta * mean_logp - gamma).mean()
+
+
+def activation_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over counted positions of ``||hidden - target||^2 / hidden_size``.
+
+    Args:
+        hidden: ``[B, T, H]`` hidden states.
+        target: ``[H]`` (a steering vector) or ``[B, T, H]`` (reference hidden states).
+        mask: ``[B, T]``, true where a position counts.
+    """
+    per_position = (hidden.float() - target.float()).pow(2).mean(dim=-1)
+    weights = mask.to(per_position.dtype)
+    return (per_position * weights).sum() / weights.sum().clamp(min=1)
 
 
 def klr_loss(logits: torch.Tensor, ref_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

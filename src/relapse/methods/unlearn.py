@@ -14,7 +14,7 @@ rounding.
 
 from __future__ import annotations
 
-import copy
+import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
-from relapse.data.batching import EpochSampler, Example, collate, tokenize_answers_only, tokenize_for_lm
+from relapse.data.batching import EpochSampler, Example, tokenize_answers_only, tokenize_for_lm
 from relapse.data.benchmark import Benchmark, benchmark_files, load_benchmark
 from relapse.data.prompts import qa_prompt, qa_text
 from relapse.errors import ConfigError
 from relapse.methods import losses
+from relapse.methods.component import Reference, RunContext, chunks, indexed_batch, model_inputs
 from relapse.methods.loop import (
     SCHEDULES,
     LoopConfig,
@@ -38,6 +39,7 @@ from relapse.methods.loop import (
 )
 from relapse.methods.parallel import world_size
 from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
+from relapse.methods.select import DEFAULT_UTILITY_FLOOR, select_run, utility_check
 from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
 from relapse.metrics.qa import qa_recall
 from relapse.models.io import BFLOAT16_EMULATED, PRECISIONS, load_model, reuse_or_claim
@@ -58,6 +60,16 @@ DATA_CHOICES = ("text", "qa", "text+qa")
 TOKEN_CHOICES = ("all", "answer")
 REFERENCE_CHOICES = ("auto", "precompute", "model")
 WEIGHT_CHOICES = PRECISIONS
+#: Fields added after UNLEARN_VERSION 1; at their defaults they leave the cache key unchanged.
+ADDED_FIELDS = (
+    "simnpo_beta",
+    "simnpo_gamma",
+    "rmu_layer",
+    "rmu_coeff",
+    "sam_rho",
+    "select_lr",
+    "utility_floor",
+)
 
 
 @dataclass
@@ -86,6 +98,13 @@ class UnlearnConfig:
     sure_top: float | None = None
     sure_granularity: str = "module"
     sure_per_step: bool = False
+    simnpo_beta: float = 2.5
+    simnpo_gamma: float = 0.0
+    rmu_layer: int | None = None
+    rmu_coeff: float = 20.0
+    sam_rho: float | None = None
+    select_lr: list[float] | None = None
+    utility_floor: float = DEFAULT_UTILITY_FLOOR
     lora_r: int | None = None
     stop_forget_recall: float | None = None
     stop_forget_nll: float | None = None
@@ -121,6 +140,22 @@ class UnlearnConfig:
             )
         if self.sure_per_step and self.sure_top is None:
             raise ConfigError("--sure-per-step needs --sure-top")
+        if self.simnpo_beta <= 0 or self.simnpo_gamma < 0:
+            raise ConfigError("--simnpo-beta must be positive and --simnpo-gamma non-negative")
+        if self.rmu_coeff <= 0:
+            raise ConfigError(f"--rmu-coeff must be positive, got {self.rmu_coeff}")
+        if self.select_lr is not None:
+            if not isinstance(self.select_lr, list | tuple) or not self.select_lr:
+                raise ConfigError("--select-lr needs at least one learning rate")
+            if not all(isinstance(x, int | float) and 0 < x < math.inf for x in self.select_lr):
+                raise ConfigError(f"--select-lr takes positive, finite learning rates, got {self.select_lr}")
+            self.select_lr = sorted({float(x) for x in self.select_lr}, reverse=True)
+        if not 0 < self.utility_floor <= 1:
+            raise ConfigError(f"--utility-floor must be in (0, 1], got {self.utility_floor}")
+        if self.sam_rho is not None and not self.sam_rho > 0:
+            raise ConfigError(f"--sam-rho must be positive, got {self.sam_rho}")
+        if self.spec.forget == "rmu" and (self.lora_r is not None or self.sure_top is not None):
+            raise ConfigError("rmu chooses its own trainable weights: it takes no --lora-r or --sure-top")
         if self.weights != "float32" and self.autocast_bf16:
             raise ConfigError("--autocast-bf16 is for float32 weights; bfloat16 weights need no autocast")
 
@@ -132,6 +167,14 @@ class UnlearnConfig:
         fields = asdict(self)
         fields.pop("checkpoint_every")
         fields["method"] = self.spec.name
+        # Options added after the first version enter the key only when set, so that runs cached before
+        # they existed keep their keys.
+        defaults = UnlearnConfig.__dataclass_fields__
+        for name in ADDED_FIELDS:
+            if fields[name] == defaults[name].default:
+                fields.pop(name)
+        if self.select_lr is not None:
+            fields.pop("lr")  # the sweep chooses it
         return fields
 
 
@@ -152,89 +195,30 @@ def _examples(benchmark: Benchmark, split: str, config: UnlearnConfig, tokenizer
     return tokenize_for_lm(tokenizer, texts + [qa_text(p) for p in pairs], config.max_length)
 
 
-class Reference:
-    """What the starting model contributes to NPO and KLR: precomputed, or a frozen copy.
-
-    Both live on the model's device: the frozen copy because it runs on the same batches, the
-    precomputed values because the losses combine them with the trained model's outputs there.
-    """
-
-    def __init__(
-        self, model, forget: list[Example], retain: list[Example], config: UnlearnConfig, pad_id: int
-    ) -> None:
-        spec = config.spec
-        self.model = None
-        self.forget_logp: torch.Tensor | None = None
-        self.retain_log_probs: list[torch.Tensor] | None = None
-        needs_logits = config.variant == "muse-compatible" and spec.needs_reference
-        device = model_device(model)
-        vocab = model.get_output_embeddings().weight.shape[0]
-        klr_bytes = sum(len(e.input_ids) - 1 for e in retain) * vocab * 4 if spec.regularizer == "klr" else 0
-        fits = klr_bytes <= config.reference_budget_gb * 2**30
-        mode = config.reference
-        if mode == "auto":
-            mode = "precompute" if fits and not needs_logits else "model"
-        if mode == "precompute" and needs_logits:
-            raise ConfigError("the muse-compatible variant needs reference logits: use --reference model")
-        self.mode = mode if spec.needs_reference else "none"
-        if self.mode == "model":
-            self.model = copy.deepcopy(model).eval()
-            for p in self.model.parameters():
-                p.requires_grad_(False)
-        elif self.mode == "precompute":
-            with torch.no_grad():
-                if spec.forget == "npo":
-                    self.forget_logp = torch.cat(
-                        [
-                            losses.sequence_logprob(model(**_inputs(b)).logits, b["labels"])
-                            for b in _chunks(forget, pad_id, device=device)
-                        ]
-                    )
-                if spec.regularizer == "klr":
-                    self.retain_log_probs = []
-                    for batch in _chunks(retain, pad_id, device=device):
-                        log_probs = losses.reference_log_probs(model(**_inputs(batch)).logits)
-                        for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
-                            self.retain_log_probs.append(log_probs[row, : length - 1].clone())
-
-    def forget_sequence_logp(self, batch) -> torch.Tensor:
-        if self.forget_logp is not None:
-            return self.forget_logp[batch["index"]]
-        with torch.no_grad():
-            return losses.sequence_logprob(self.model(**_inputs(batch)).logits, batch["labels"])
-
-    def retain_next_token_log_probs(self, batch) -> torch.Tensor:
-        if self.retain_log_probs is not None:
-            width = batch["input_ids"].shape[1] - 1
-            rows = [self.retain_log_probs[i] for i in batch["index"].tolist()]
-            out = torch.zeros(len(rows), width, rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)
-            for r, values in enumerate(rows):
-                out[r, : values.shape[0]] = values
-            return out
-        with torch.no_grad():
-            return losses.reference_log_probs(self.model(**_inputs(batch)).logits)
-
-    def logits(self, batch) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model(**_inputs(batch)).logits
+def _reference(model: torch.nn.Module, config: UnlearnConfig, terms_and_examples) -> Reference:
+    """How the starting model's outputs reach the terms that need them (decided once for all terms)."""
+    terms = [(term, examples) for term, examples in terms_and_examples if term is not None]
+    budget = sum(term.reference_bytes(model, examples) for term, examples in terms)
+    return Reference(
+        model,
+        config.reference,
+        needed=any(term.uses_reference for term, _ in terms),
+        fits=budget <= config.reference_budget_gb * 2**30,
+        needs_model=any(term.needs_reference_model() for term, _ in terms),
+    )
 
 
-def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-def _chunks(examples: list[Example], pad_id: int, size: int = 32, device: torch.device | None = None):
-    """All examples in order, as indexed batches of ``size`` (on ``device`` when given: these batches
-    feed the model directly, not through the training loop that moves the others)."""
-    for start in range(0, len(examples), size):
-        batch = _indexed_batch(examples, list(range(start, min(start + size, len(examples)))), pad_id)
-        yield batch if device is None else to_device(batch, device)
-
-
-def _indexed_batch(examples: list[Example], indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    batch = collate([examples[i] for i in indices], pad_id)
-    batch["index"] = torch.tensor(indices, dtype=torch.long)
-    return batch
+def _restrict_trainable(model: torch.nn.Module, *terms) -> None:
+    """Freeze every parameter that no term lets move, when a term restricts them (RMU)."""
+    allowed: dict[str, torch.nn.Parameter] | None = None
+    for term in terms:
+        chosen = term.trainable(model) if term is not None else None
+        if chosen is not None:
+            allowed = {**(allowed or {}), **chosen}
+    if allowed is None:
+        return
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in allowed)
 
 
 def unlearn_cache_key(model: str, data_dir: Path, config: UnlearnConfig) -> str:
@@ -274,6 +258,12 @@ def unlearn_model(
     existing = reuse_or_claim(out_path, key, RECORD_NAME, overwrite)
     if existing is not None:
         return UnlearnResult(out_path, existing, cached=True)
+    if config.select_lr is not None:
+
+        def run_one(candidate: UnlearnConfig) -> UnlearnResult:
+            return unlearn_model(model, data_dir, None, candidate, threads, False, progress, device)
+
+        return select_run(model, data_dir, out_path, key, config, run_one)
     threads_used = set_threads(threads)
     seed_everything(config.seed)
     net, tokenizer = load_model(str(model), dtype=config.weights, device=str(target))
@@ -286,66 +276,72 @@ def unlearn_model(
         raise ConfigError(f"{spec.name} needs retain examples, and --data {config.data} gives none")
     # A CPU copy: only weight_change reads it, and it should not double the model's GPU memory.
     start_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-    reference = Reference(net, forget, retain, config, pad_id)
+    # Autocast is per device type: a CPU autocast would leave CUDA matrix products in float32.
+    context = RunContext(
+        config=config,
+        pad_id=pad_id,
+        device=target,
+        autocast=(lambda: torch.autocast(target.type, dtype=torch.bfloat16))
+        if config.autocast_bf16
+        else nullcontext,
+    )
+    forget_term = spec.terms[0](context)
+    retain_term = spec.terms[1](context) if spec.needs_retain else None
+    reference = _reference(net, config, [(forget_term, forget), (retain_term, retain)])
+    forget_term.prepare(net, forget, reference)
+    if retain_term is not None:
+        retain_term.prepare(net, retain, reference)
+    _restrict_trainable(net, forget_term, retain_term)
 
     forget_sampler = EpochSampler(len(forget), config.batch_size, config.seed)
     retain_sampler = EpochSampler(max(1, len(retain)), config.batch_size, config.seed + 1)
-    # Autocast is per device type: a CPU autocast would leave CUDA matrix products in float32.
-    autocast = torch.autocast(target.type, dtype=torch.bfloat16) if config.autocast_bf16 else nullcontext()
-
-    def forget_loss(model: torch.nn.Module, batch) -> torch.Tensor:
-        with autocast:
-            logits = model(**_inputs(batch)).logits
-        if spec.forget == "ga":
-            return losses.ga_loss(logits, batch["labels"])
-        if config.variant == "muse-compatible":
-            return losses.npo_on_logits(logits, reference.logits(batch), config.beta)
-        seq_logp = losses.sequence_logprob(logits, batch["labels"])
-        return losses.npo_loss(seq_logp, reference.forget_sequence_logp(batch), config.beta)
-
-    def retain_loss(model: torch.nn.Module, batch) -> torch.Tensor:
-        with autocast:
-            logits = model(**_inputs(batch)).logits
-        if spec.regularizer == "gdr":
-            return losses.gdr_loss(logits, batch["labels"])
-        if config.variant == "muse-compatible":
-            return losses.kl_on_logits(logits, reference.logits(batch))
-        return losses.klr_loss(logits, reference.retain_next_token_log_probs(batch), batch["labels"])
 
     def batch_for_step(step: int, micro: int) -> dict[str, Any]:
         position = step * config.grad_accum + micro
-        batch = {"forget": _indexed_batch(forget, forget_sampler.indices(position), pad_id)}
-        if spec.needs_retain:
-            batch["retain"] = _indexed_batch(retain, retain_sampler.indices(position), pad_id)
+        batch = {"forget": indexed_batch(forget, forget_sampler.indices(position), pad_id)}
+        if retain_term is not None:
+            batch["retain"] = indexed_batch(retain, retain_sampler.indices(position), pad_id)
         return batch
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, Any]):
-        loss_f = forget_loss(model, batch["forget"])
+        loss_f = forget_term.loss(model, batch["forget"])
         logs = {"forget": float(loss_f.detach())}
-        if not spec.needs_retain:
+        if retain_term is None:
             return loss_f, logs
-        loss_r = retain_loss(model, batch["retain"])
+        loss_r = retain_term.loss(model, batch["retain"])
         logs["retain"] = float(loss_r.detach())
         return loss_f + config.alpha * loss_r, logs
 
     mask: SaliencyMask | None = None
     if config.sure_top is not None:
-        batches = _chunks(forget, pad_id, device=target)
+        batches = chunks(forget, pad_id, device=target)
         mask = build_mask(
-            net, forget_loss, batches, config.sure_top, config.sure_granularity, per_step=config.sure_per_step
+            net,
+            forget_term.loss,
+            batches,
+            config.sure_top,
+            config.sure_granularity,
+            per_step=config.sure_per_step,
         )
         mask.attach(net)
     if config.lora_r is not None:
         net = _wrap_lora(net, config.lora_r)
 
     def refresh_mask(step: int) -> None:
-        mask.refresh(net, forget_loss, to_device(batch_for_step(step, 0)["forget"], target))
+        mask.refresh(net, forget_term.loss, to_device(batch_for_step(step, 0)["forget"], target))
+
+    def check(model: torch.nn.Module) -> dict[str, float]:
+        """What the stop rules read, every ``eval_every`` steps: the forget set only. Retain recall (the
+        retain set is usually many times larger) is measured at the start and the end."""
+        return {
+            "recall_forget": qa_recall(model, tokenizer, benchmark.forget_qa)["value"],
+            "nll_forget": forget_nll(model, forget, pad_id),
+        }
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         return {
-            "recall_forget": qa_recall(model, tokenizer, benchmark.forget_qa)["value"],
+            **check(model),
             "recall_retain": qa_recall(model, tokenizer, benchmark.retain_qa)["value"],
-            "nll_forget": forget_nll(model, forget, pad_id),
         }
 
     def should_stop(metrics: dict[str, float]) -> bool:
@@ -355,6 +351,7 @@ def unlearn_model(
         nll_done = config.stop_forget_nll is not None and metrics["nll_forget"] >= config.stop_forget_nll
         return recall_done or nll_done
 
+    start_metrics = evaluate(net)  # the starting model's, for the utility floor
     loop_config = LoopConfig.from_settings(config, forget_sampler.steps_per_epoch)
     result = run_loop(
         net,
@@ -363,7 +360,7 @@ def unlearn_model(
         loss_fn,
         run_key=key,
         work_dir=work_dir_for(out_path),
-        evaluate=evaluate,
+        evaluate=check,
         should_stop=should_stop,
         progress=progress,
         description=f"unlearn {spec.name}",
@@ -394,8 +391,11 @@ def unlearn_model(
         "world_size": world_size(),
         "versions": package_versions(),
         "reference": reference.mode,
+        "terms": {t.name: t.describe() for t in (forget_term, retain_term) if t is not None},
         "examples": {"forget": len(forget), "retain": len(retain)},
-        "final": evaluate(net),
+        "start": start_metrics,
+        "final": (final := evaluate(net)),
+        "utility": utility_check(start_metrics, final, config.utility_floor),
         "weight_change": weight_change(start_state, net.state_dict()),
         "sure": sure,
         **result.to_dict(),
@@ -417,8 +417,8 @@ def _wrap_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
 def forget_nll(model: torch.nn.Module, examples: list[Example], pad_id: int) -> float:
     """Mean cross-entropy per counted token over all forget examples (higher = more forgotten)."""
     total, count = 0.0, 0
-    for batch in _chunks(examples, pad_id, device=model_device(model)):
-        picked, mask = losses.token_logprobs(model(**_inputs(batch)).logits, batch["labels"])
+    for batch in chunks(examples, pad_id, device=model_device(model)):
+        picked, mask = losses.token_logprobs(model(**model_inputs(batch)).logits, batch["labels"])
         total -= float(picked.sum())
         count += int(mask.sum())
     return total / max(count, 1)

@@ -32,3 +32,32 @@ def lm_head_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     if head is None:
         return {}
     return {name: p for name, p in model.named_parameters() if p is head.weight}
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of decoder blocks: the ``nn.ModuleList`` with one entry per hidden layer.
+
+    Found by shape rather than by attribute path, so it works for Llama (``model.layers``), GPT-2
+    (``transformer.h``) and models wrapped by PEFT alike.
+    """
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    for candidate in lists:
+        if count is None or len(candidate) == count:
+            return candidate
+    raise ValueError("this model has no recognisable stack of decoder layers")
+
+
+#: Names of a decoder block's feed-forward sub-module in common architectures.
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def mlp_weights(model: torch.nn.Module, layers: list[int]) -> dict[str, torch.nn.Parameter]:
+    """The ``nn.Linear`` weights of the MLPs of the decoder blocks ``layers``, by parameter name."""
+    blocks = decoder_layers(model)
+    wanted = set()
+    for index in layers:
+        for name, module in blocks[index].named_modules():
+            if isinstance(module, torch.nn.Linear) and name.split(".")[0] in MLP_NAMES:
+                wanted.add(id(module.weight))
+    return {name: p for name, p in model.named_parameters() if id(p) in wanted}

@@ -1,0 +1,122 @@
+"""RMU (Li et al. 2024, WMDP, arXiv 2403.03218): scramble the forget data's hidden states at one layer.
+
+On forget tokens the hidden state after decoder layer ``l`` (``--rmu-layer``) is pushed toward ``c * u``,
+a fixed random unit vector ``u`` (drawn from the run's seed) scaled by ``c`` (``--rmu-coeff``); on retain
+tokens the regulariser ``act`` keeps it equal to the starting model's. Only the MLP weights of layers
+``l-2 .. l`` move (WMDP updates a few MLPs below the steered layer); every other parameter stays
+bit-identical. The forward pass stops at layer ``l``: nothing above it is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from relapse.data.batching import IGNORE_INDEX, Example
+from relapse.errors import ConfigError
+from relapse.methods import losses
+from relapse.methods.component import (
+    Batch,
+    ForgetTerm,
+    Reference,
+    Regularizer,
+    RunContext,
+    gather_padded,
+    model_inputs,
+    precompute_per_example,
+)
+from relapse.models.parts import decoder_layers, mlp_weights
+
+#: How many layers below the steered one (inclusive of it) RMU updates.
+UPDATED_LAYERS = 3
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: the layers above the steered one are not needed."""
+
+
+def steered_layer(model: torch.nn.Module, layer: int | None) -> int:
+    """``layer``, checked against the model's depth; ``None`` picks a quarter of the way up."""
+    depth = len(decoder_layers(model))
+    chosen = depth // 4 if layer is None else layer
+    if not 0 <= chosen < depth:
+        raise ConfigError(f"--rmu-layer must be between 0 and {depth - 1} for this model, got {layer}")
+    return chosen
+
+
+def layer_output(model: torch.nn.Module, batch: Batch, layer: int, context: RunContext) -> torch.Tensor:
+    """The hidden states ``[B, T, H]`` leaving decoder layer ``layer`` (the forward pass stops there)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output
+        raise _StopForward
+
+    handle = decoder_layers(model)[layer].register_forward_hook(capture)
+    try:
+        with context.autocast():
+            model(**model_inputs(batch))
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"]
+
+
+def _counted(batch: Batch) -> torch.Tensor:
+    return batch["labels"] != IGNORE_INDEX
+
+
+class RMU(ForgetTerm):
+    name = "rmu"
+    summary = (
+        "RMU: steer layer --rmu-layer's hidden states on forget data to --rmu-coeff x a random unit "
+        "vector; only MLP weights move (implies +act)"
+    )
+    implied_regularizer = "act"
+
+    def prepare(self, model: torch.nn.Module, examples: list[Example], reference: Reference) -> None:
+        super().prepare(model, examples, reference)
+        self.layer = steered_layer(model, self.config.rmu_layer)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        direction = torch.rand(model.config.hidden_size, generator=generator)
+        self.control = (self.config.rmu_coeff * direction / direction.norm()).to(self.context.device)
+
+    def trainable(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        return mlp_weights(model, list(range(max(0, self.layer - UPDATED_LAYERS + 1), self.layer + 1)))
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        hidden = layer_output(model, batch, self.layer, self.context)
+        return losses.activation_mse(hidden, self.control, _counted(batch))
+
+    def describe(self) -> dict[str, object]:
+        return {"layer": self.layer, "coeff": self.config.rmu_coeff, "updated_layers": UPDATED_LAYERS}
+
+
+class ActivationRetain(Regularizer):
+    name = "act"
+    summary = "keep layer --rmu-layer's hidden states on retain data equal to the starting model's (RMU's)"
+    uses_reference = True
+
+    def reference_bytes(self, model: torch.nn.Module, examples: list[Example]) -> int:
+        return sum(len(e.input_ids) for e in examples) * model.config.hidden_size * 4
+
+    def prepare(self, model: torch.nn.Module, examples: list[Example], reference: Reference) -> None:
+        super().prepare(model, examples, reference)
+        self.layer = steered_layer(model, self.config.rmu_layer)
+        self.reference_hidden: list[torch.Tensor] | None = None
+        if reference.precompute:
+            self.reference_hidden = precompute_per_example(
+                examples,
+                self.context.pad_id,
+                self.context.device,
+                lambda b: layer_output(model, b, self.layer, self.context),
+            )
+
+    def _reference_hidden(self, batch: Batch) -> torch.Tensor:
+        if self.reference_hidden is None:
+            return self.reference.run(lambda m: layer_output(m, batch, self.layer, self.context))
+        return gather_padded(self.reference_hidden, batch["index"].tolist(), batch["input_ids"].shape[1])
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        hidden = layer_output(model, batch, self.layer, self.context)
+        return losses.activation_mse(hidden, self._reference_hidden(batch), _counted(batch))
