@@ -381,6 +381,15 @@ def _add_unlearn(subparsers) -> None:
         help="stop once the forget examples' mean token NLL (nats) is at or above this",
     )
     p.add_argument(
+        "--robust-to",
+        nargs="+",
+        default=None,
+        metavar="GRID",
+        help="also compute the loss on the weights as these grids round them (rtn-w4-ch, bnb-nf4, "
+        "gguf-q4_1, ...; 'default': RTN per channel, g64 and g128, NF4, FP4 and the base model's grid), "
+        "with straight-through gradients, one grid per step",
+    )
+    p.add_argument(
         "--select-lr",
         type=float,
         nargs="+",
@@ -419,6 +428,7 @@ def _cmd_unlearn(args) -> int:
         rmu_layer=args.rmu_layer,
         rmu_coeff=args.rmu_coeff,
         sam_rho=args.sam_rho,
+        robust_to=args.robust_to,
         select_lr=args.select_lr,
         utility_floor=args.utility_floor,
         variant=args.variant,
@@ -483,6 +493,8 @@ def _cmd_unlearn(args) -> int:
             f"over-unlearned: retain recall {utility['final_recall_retain']:.2f} is below "
             f"{utility['floor']:.0%} of the starting model's {utility['start_recall_retain']:.2f}"
         )
+    if record.get("robust"):
+        print(f"robust to: {', '.join(record['robust']['grids'])} (one grid per step, straight-through)")
     if record.get("sure"):
         sure = record["sure"]
         print(

@@ -143,6 +143,8 @@ class Term:
     summary: ClassVar[str]
     uses_reference: ClassVar[bool] = False
     implied_regularizer: ClassVar[str | None] = None
+    #: Whether ``--variant muse-compatible`` changes this term (reference code's on-logits formulas).
+    has_muse_variant: ClassVar[bool] = False
 
     def __init__(self, context: RunContext) -> None:
         self.context = context

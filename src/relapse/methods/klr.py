@@ -25,6 +25,7 @@ class KLRetain(Regularizer):
     name = "klr"
     summary = "KL regulariser: + alpha * KL(p_start || p_theta) on retain tokens"
     uses_reference = True
+    has_muse_variant = True
 
     def needs_reference_model(self) -> bool:
         return self.config.variant == "muse-compatible"

@@ -18,6 +18,7 @@ class NPO(ForgetTerm):
     name = "npo"
     summary = "negative preference optimisation on sequence log-likelihood ratios to the starting model"
     uses_reference = True
+    has_muse_variant = True
 
     def needs_reference_model(self) -> bool:
         return self.config.variant == "muse-compatible"

@@ -3,8 +3,9 @@
 On forget tokens the hidden state after decoder layer ``l`` (``--rmu-layer``) is pushed toward ``c * u``,
 a fixed random unit vector ``u`` (drawn from the run's seed) scaled by ``c`` (``--rmu-coeff``); on retain
 tokens the regulariser ``act`` keeps it equal to the starting model's. Only the MLP weights of layers
-``l-2 .. l`` move (WMDP updates a few MLPs below the steered layer); every other parameter stays
-bit-identical. The forward pass stops at layer ``l``: nothing above it is computed.
+``l-2 .. l`` move, all three projections; every other parameter stays bit-identical. (WMDP's reference
+setting moves the down projection alone of layers 5-7 when steering layer 7; relapse moves the whole
+MLP of each layer, a choice of its own.) The forward pass stops at layer ``l``: nothing above it is computed.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from relapse.methods.loop import (
 )
 from relapse.methods.parallel import world_size
 from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
+from relapse.methods.robust import RobustObjective, check_grids, resolve_grids
 from relapse.methods.select import DEFAULT_UTILITY_FLOOR, select_run, utility_check
 from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
 from relapse.metrics.qa import qa_recall
@@ -67,6 +68,7 @@ ADDED_FIELDS = (
     "rmu_layer",
     "rmu_coeff",
     "sam_rho",
+    "robust_to",
     "select_lr",
     "utility_floor",
 )
@@ -103,6 +105,7 @@ class UnlearnConfig:
     rmu_layer: int | None = None
     rmu_coeff: float = 20.0
     sam_rho: float | None = None
+    robust_to: list[str] | None = None
     select_lr: list[float] | None = None
     utility_floor: float = DEFAULT_UTILITY_FLOOR
     lora_r: int | None = None
@@ -126,6 +129,10 @@ class UnlearnConfig:
         ):
             if value not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.variant != "standard" and not any(t.has_muse_variant for t in self.spec.terms):
+            raise ConfigError(
+                f"--variant {self.variant} changes npo and klr only, and {self.spec.name} has neither"
+            )
         if self.tokens == "answer" and self.data != "qa":
             raise ConfigError("--tokens answer needs --data qa (texts have no answer part)")
         if self.beta <= 0 or self.alpha < 0:
@@ -152,6 +159,15 @@ class UnlearnConfig:
             self.select_lr = sorted({float(x) for x in self.select_lr}, reverse=True)
         if not 0 < self.utility_floor <= 1:
             raise ConfigError(f"--utility-floor must be in (0, 1], got {self.utility_floor}")
+        if self.robust_to is not None:
+            if not isinstance(self.robust_to, list | tuple) or not self.robust_to:
+                raise ConfigError("--robust-to needs at least one grid (or 'default')")
+            self.robust_to = [str(name).strip().lower() for name in self.robust_to]
+            check_grids(self.robust_to)
+            if self.lora_r is not None:
+                raise ConfigError(
+                    "--robust-to rounds the model's own weights; it cannot be combined with --lora-r"
+                )
         if self.sam_rho is not None and not self.sam_rho > 0:
             raise ConfigError(f"--sam-rho must be positive, got {self.sam_rho}")
         if self.spec.forget == "rmu" and (self.lora_r is not None or self.sure_top is not None):
@@ -292,25 +308,33 @@ def unlearn_model(
     if retain_term is not None:
         retain_term.prepare(net, retain, reference)
     _restrict_trainable(net, forget_term, retain_term)
+    robust = RobustObjective(net, resolve_grids(config.robust_to, model)) if config.robust_to else None
 
     forget_sampler = EpochSampler(len(forget), config.batch_size, config.seed)
     retain_sampler = EpochSampler(max(1, len(retain)), config.batch_size, config.seed + 1)
 
     def batch_for_step(step: int, micro: int) -> dict[str, Any]:
         position = step * config.grad_accum + micro
-        batch = {"forget": indexed_batch(forget, forget_sampler.indices(position), pad_id)}
+        batch = {"step": step, "forget": indexed_batch(forget, forget_sampler.indices(position), pad_id)}
         if retain_term is not None:
             batch["retain"] = indexed_batch(retain, retain_sampler.indices(position), pad_id)
         return batch
 
-    def loss_fn(model: torch.nn.Module, batch: dict[str, Any]):
+    def objective(model: torch.nn.Module, batch: dict[str, Any], prefix: str = ""):
         loss_f = forget_term.loss(model, batch["forget"])
-        logs = {"forget": float(loss_f.detach())}
+        logs = {f"{prefix}forget": float(loss_f.detach())}
         if retain_term is None:
             return loss_f, logs
         loss_r = retain_term.loss(model, batch["retain"])
-        logs["retain"] = float(loss_r.detach())
+        logs[f"{prefix}retain"] = float(loss_r.detach())
         return loss_f + config.alpha * loss_r, logs
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, Any]):
+        loss, logs = objective(model, batch)
+        if robust is None:
+            return loss, logs
+        rounded_loss, rounded_logs = objective(robust.view(model, batch["step"]), batch, prefix="q_")
+        return loss + rounded_loss, {**logs, **rounded_logs}
 
     mask: SaliencyMask | None = None
     if config.sure_top is not None:
@@ -392,6 +416,7 @@ def unlearn_model(
         "versions": package_versions(),
         "reference": reference.mode,
         "terms": {t.name: t.describe() for t in (forget_term, retain_term) if t is not None},
+        "robust": robust.describe() if robust is not None else None,
         "examples": {"forget": len(forget), "retain": len(retain)},
         "start": start_metrics,
         "final": (final := evaluate(net)),

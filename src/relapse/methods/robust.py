@@ -1,0 +1,114 @@
+"""A quantization-robust objective: unlearn the model as it will be served, not only as it is stored.
+
+Unlearning that moves weights by less than a quantization step is undone by rounding
+(docs/study-smollm2.md): the quantized unlearned model answers like the quantized target. With
+``--robust-to GRIDS`` every step also computes the method's loss (forget term and regulariser alike) on
+the weights as one of those grids rounds them, ``Q(w)``, with straight-through gradients
+(``w + (Q(w) - w).detach()``: the value is ``Q(w)``, the gradient flows to ``w`` as if rounding were the
+identity). The loss minimised is ``L(w) + L(Q(w))``, so the rounded model is trained to forget and to
+keep its utility, not only the float one. One grid per step, in turn (step ``s`` uses grid ``s mod n``):
+the cost is one extra forward and backward pass per step, whatever the number of grids.
+
+Grids are attack names whose attack rounds weights (``rtn-w4-ch``, ``rtn-w4-g64``, ``bnb-nf4``,
+``gguf-q4_1``, ...; see docs/attacks.md); ``default`` stands for RTN per channel and with groups of 64
+and 128, bitsandbytes NF4 and FP4 when bitsandbytes is installed, and the grid the starting model's
+weights were stored on when its provenance names one (a model fetched from a GGUF file, and everything
+trained or unlearned from it). The rounded weights are the attacks' own: the decoder's linear layers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from relapse.errors import ConfigError
+
+#: What ``default`` stands for (bitsandbytes formats only where bitsandbytes is installed).
+DEFAULT_GRIDS = ("rtn-w4-ch", "rtn-w4-g64", "rtn-w4-g128", "bnb-nf4", "bnb-fp4")
+
+
+def check_grids(names: list[str]) -> None:
+    """Refuse names that are not rounding attacks (``default`` is always accepted)."""
+    from relapse.attacks.base import WeightRoundingAttack
+    from relapse.attacks.registry import get_attack
+
+    for name in names:
+        if name == "default":
+            continue
+        if not isinstance(get_attack(name), WeightRoundingAttack):
+            raise ConfigError(
+                f"--robust-to takes grids that round weights (rtn-*, gguf-*, bnb-*), not {name!r}"
+            )
+
+
+def resolve_grids(names: list[str], model: str | Path) -> list[str]:
+    """The grid names a run trains against: ``default`` expanded for ``model``, duplicates dropped."""
+    from relapse.models.fetch import base_grid
+
+    resolved: list[str] = []
+    for name in names:
+        if name != "default":
+            resolved.append(name.strip().lower())
+            continue
+        has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+        resolved += [g for g in DEFAULT_GRIDS if has_bnb or not g.startswith("bnb-")]
+        grid = base_grid(model) if Path(str(model)).expanduser().exists() else None
+        resolved += list((grid or {}).get("equivalent_attacks", [])[:1])
+    return list(dict.fromkeys(resolved))
+
+
+class RoundedView(torch.nn.Module):
+    """``model`` run with some of its weights replaced (by straight-through rounded copies).
+
+    A thin wrapper: its forward is the model's forward on the replacement weights
+    (:func:`torch.func.functional_call`), hooks on the model's modules still fire, and gradients reach
+    the model's own parameters through the replacements.
+    """
+
+    def __init__(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.weights = weights
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.model, self.weights, args, kwargs)
+
+
+class RobustObjective:
+    """Builds, for a step, the view of the model through that step's grid."""
+
+    def __init__(self, model: torch.nn.Module, grids: list[str]) -> None:
+        from relapse.attacks.base import AttackContext
+        from relapse.attacks.registry import get_attack
+
+        if not grids:
+            raise ConfigError("--robust-to named no grid")
+        self.grids = grids
+        self.attacks = [get_attack(name) for name in grids]
+        # The weights the attacks round (the decoder's linear layers), by name.
+        self.names = list(self.attacks[0].touched(model, AttackContext()))
+
+    def grid_at(self, step: int) -> str:
+        return self.grids[step % len(self.grids)]
+
+    def view(self, model: torch.nn.Module, step: int) -> RoundedView:
+        """The model as ``grid_at(step)`` rounds it, with straight-through gradients."""
+        attack = self.attacks[step % len(self.attacks)]
+        parameters = dict(model.named_parameters())
+        weights = {}
+        for name in self.names:
+            weight = parameters[name]
+            with torch.no_grad():
+                rounded = attack.round_weight(weight.detach(), name)
+            weights[name] = weight + (rounded - weight).detach()
+        return RoundedView(model, weights)
+
+    def describe(self) -> dict[str, Any]:
+        return {"grids": self.grids, "rounded_weights": len(self.names), "schedule": "one grid per step"}

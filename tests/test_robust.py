@@ -1,0 +1,124 @@
+"""The quantization-robust objective: the loss on rounded weights, with straight-through gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from relapse.attacks.base import AttackContext, applied
+from relapse.attacks.registry import get_attack
+from relapse.data import load_benchmark
+from relapse.data.batching import collate, tokenize_for_lm
+from relapse.data.prompts import qa_text
+from relapse.errors import ConfigError
+from relapse.methods.robust import DEFAULT_GRIDS, RobustObjective, check_grids, resolve_grids
+from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+from relapse.models import load_model
+
+
+def _batch(tokenizer, benchmark, split="forget"):
+    texts = benchmark.texts(split) + [qa_text(p) for p in benchmark.qa(split)]
+    return collate(tokenize_for_lm(tokenizer, texts, 256), tokenizer.pad_token_id)
+
+
+def _mean_nll(model, batch) -> torch.Tensor:
+    """Mean token NLL of the batch, written out here rather than taken from relapse's losses."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    counted = labels != -100
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(picked * counted).sum() / counted.sum()
+
+
+def test_rounded_view_computes_on_rounded_weights_and_passes_gradients_straight_through(
+    trained_small, small_benchmark_dir
+):
+    model, tokenizer = load_model(trained_small.path)
+    batch = _batch(tokenizer, load_benchmark(small_benchmark_dir))
+    robust = RobustObjective(model, ["rtn-w4-g64"])
+    # The reference: a copy whose weights really are rounded, differentiated as usual.
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        attack = get_attack("rtn-w4-g64")
+        for name, p in attack.touched(rounded, AttackContext()).items():
+            p.copy_(attack.round_weight(p, name))
+    expected = _mean_nll(rounded, batch)
+    expected.backward()
+    got = _mean_nll(robust.view(model, step=0), batch)
+    got.backward()
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6)
+    reference_grads = dict(rounded.named_parameters())
+    for name, p in model.named_parameters():
+        # Straight-through: d/dw of L(Q(w)) is taken as dL/dQ at Q(w), for rounded and kept weights alike.
+        assert torch.allclose(p.grad, reference_grads[name].grad, atol=1e-6), name
+    assert robust.names and all("layers" in n for n in robust.names)  # the decoder's linear layers
+
+
+def test_grids_take_turns_by_step(trained_small):
+    model, _ = load_model(trained_small.path)
+    robust = RobustObjective(model, ["rtn-w4-ch", "rtn-w4-g64", "rtn-w8-ch"])
+    assert [robust.grid_at(s) for s in range(5)] == [
+        "rtn-w4-ch",
+        "rtn-w4-g64",
+        "rtn-w8-ch",
+        "rtn-w4-ch",
+        "rtn-w4-g64",
+    ]
+
+
+@pytest.mark.parametrize("name", ["relearn-retain-25", "noise-like-rtn-w4-g128", "prune-30", "gptq-w4-g128"])
+def test_only_rounding_grids_are_accepted(name):
+    with pytest.raises(ConfigError, match="round weights"):
+        check_grids([name])
+    with pytest.raises(ConfigError, match="round weights"):
+        UnlearnConfig(robust_to=[name])
+
+
+def test_default_grids_expand_and_duplicates_drop(tmp_path):
+    grids = resolve_grids(["rtn-w4-ch", "default"], tmp_path)  # a folder with no provenance: no base grid
+    assert grids[0] == "rtn-w4-ch" and len(grids) == len(set(grids))
+    assert set(grids) <= set(DEFAULT_GRIDS)
+    assert {"rtn-w4-ch", "rtn-w4-g64", "rtn-w4-g128"} <= set(grids)
+
+
+def test_robust_to_is_refused_with_lora_and_when_empty():
+    with pytest.raises(ConfigError, match="lora"):
+        UnlearnConfig(robust_to=["rtn-w4-g64"], lora_r=4)
+    with pytest.raises(ConfigError, match="at least one grid"):
+        UnlearnConfig(robust_to=[])
+
+
+def test_first_step_minimises_the_float_plus_the_rounded_loss(trained_small, small_benchmark_dir, tmp_path):
+    # One batch holds every forget example, so the first step's loss is GA on all of them, in float
+    # and after rounding: -(NLL(w) + NLL(Q(w))), computed here without relapse's losses.
+    config = UnlearnConfig(
+        method="ga", robust_to=["rtn-w4-g64"], batch_size=256, max_steps=2, eval_every=100, lr=1e-4
+    )
+    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "u", config, progress=False)
+    model, tokenizer = load_model(trained_small.path)
+    batch = _batch(tokenizer, load_benchmark(small_benchmark_dir))
+    with torch.no_grad():
+        float_nll = float(_mean_nll(model, batch))
+        with applied(get_attack("rtn-w4-g64"), model, AttackContext()):
+            rounded_nll = float(_mean_nll(model, batch))
+    assert result.record["loss_curve"][0] == pytest.approx(-(float_nll + rounded_nll), abs=1e-4)
+    assert rounded_nll != pytest.approx(float_nll, abs=1e-6)  # the grid changes the loss at all
+    assert result.record["robust"]["grids"] == ["rtn-w4-g64"]
+    # Without the robust term the same run minimises the float loss alone.
+    plain = unlearn_model(
+        trained_small.path,
+        small_benchmark_dir,
+        tmp_path / "plain",
+        UnlearnConfig(method="ga", batch_size=256, max_steps=2, eval_every=100, lr=1e-4),
+        progress=False,
+    )
+    assert plain.record["loss_curve"][0] == pytest.approx(-float_nll, abs=1e-4)
+
+
+def test_variant_muse_compatible_needs_a_term_that_has_it():
+    with pytest.raises(ConfigError, match="npo and klr only"):
+        UnlearnConfig(method="simnpo+gdr", variant="muse-compatible")
+    UnlearnConfig(method="npo+gdr", variant="muse-compatible")  # npo has it
