@@ -19,7 +19,8 @@ precision (float32, bfloat16), which wants a GPU: bfloat16 matrix products are ~
 on a CPU without bfloat16 instructions. ``cpu`` replaces bfloat16 by ``bfloat16-emulated`` (weights,
 gradients and Adam moments rounded to bfloat16 after every step, float32 arithmetic) and drops the
 weakest fine-tuning. ``cpu-deep`` unlearns with NPO+GDR until forget recall 0.3 (at most 48 steps);
-``cpu-bf16-strong`` does that at lr 1e-4 after bfloat16 fine-tuning at lr 1e-3. ``--only NAME`` runs
+``cpu-bf16-strong`` does that at lr 1e-4 after bfloat16 fine-tuning at lr 1e-3; ``cpu-bf16-robust`` adds
+the quantization-robust objective (``--robust-to default``) to that cell. ``--only NAME`` runs
 the named cells of a grid. To run cells in parallel, give each process its own ``--out`` and merge them
 with ``--collect``.
 """
@@ -78,8 +79,24 @@ GRIDS = {
         "unlearn_steps": 48,
         "stop_forget_recall": 0.3,
     },
+    # The relapsing cell above with the quantization-robust objective beside the baseline: the loss also
+    # on the weights as RTN (per channel, g64, g128), NF4, FP4 and the base model's Q4_1 grid round them.
+    "cpu-bf16-robust": {
+        "finetune": [(1e-3, 150)],
+        "unlearn_lr": [1e-4],
+        "weights": ["bfloat16-emulated"],
+        "methods": ["npo+gdr"],
+        "unlearn_steps": 48,
+        "stop_forget_recall": 0.3,
+        "variants": {"": {}, "-robust": {"robust_to": ["default"]}},
+    },
 }
-UNLEARN_DEFAULTS = {"methods": ["ga+gdr", "npo+gdr"], "unlearn_steps": 12, "stop_forget_recall": None}
+UNLEARN_DEFAULTS = {
+    "methods": ["ga+gdr", "npo+gdr"],
+    "unlearn_steps": 12,
+    "stop_forget_recall": None,
+    "variants": {"": {}},
+}
 
 
 def cell_experiment(
@@ -115,8 +132,9 @@ def cell_experiment(
                 **({"stop_forget_recall": stop} if stop is not None else {}),
             },
             "runs": {
-                f"{method}-lr{lr:g}": {"method": method, "lr": lr}
+                f"{method}-lr{lr:g}{tag}": {"method": method, "lr": lr, **settings}
                 for method, lr in itertools.product(unlearn["methods"], grid["unlearn_lr"])
+                for tag, settings in unlearn["variants"].items()
             },
         },
         "audit": {"attacks": ATTACKS, "metrics": ["recall", "nll"]},
