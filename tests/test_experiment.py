@@ -77,7 +77,22 @@ def test_not_a_mapping_is_an_error():
 def test_shipped_demo_parses_with_every_method():
     demo = load_experiment(shipped_experiment("demo"))
     assert demo.name == "demo" and demo.seed == 0
-    assert set(demo.unlearn_runs) == {"ga", "ga+gdr", "npo", "npo+gdr", "npo+klr", "sure", "npo+gdr-bf16"}
+    assert set(demo.unlearn_runs) == {
+        "ga",
+        "ga+gdr",
+        "npo",
+        "npo+gdr",
+        "npo+klr",
+        "simnpo+gdr",
+        "rmu",
+        "sure",
+        "npo+gdr-bf16",
+    }
+    # Every float32 method is tuned by selection; the bfloat16 run is not (it is the relapsing baseline).
+    selected = {
+        name for name, run in demo.unlearn_runs.items() if {**demo.unlearn_defaults, **run}["select_lr"]
+    }
+    assert selected == set(demo.unlearn_runs) - {"npo+gdr-bf16"}
     bf16 = [name for name, run in demo.unlearn_runs.items() if run.get("weights") == "bfloat16"]
     assert bf16 == ["npo+gdr-bf16"]
     assert demo.unlearn_runs["sure"]["sure_top"] == 0.1

@@ -15,6 +15,7 @@ from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
 from relapse.methods.robust import DEFAULT_GRIDS, RobustObjective, check_grids, resolve_grids
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+from relapse.metrics.qa import qa_recall
 from relapse.models import load_model
 
 
@@ -122,3 +123,26 @@ def test_variant_muse_compatible_needs_a_term_that_has_it():
     with pytest.raises(ConfigError, match="npo and klr only"):
         UnlearnConfig(method="simnpo+gdr", variant="muse-compatible")
     UnlearnConfig(method="npo+gdr", variant="muse-compatible")  # npo has it
+
+
+def test_the_stop_rule_waits_for_the_rounded_model_to_forget(trained_small, small_benchmark_dir, tmp_path):
+    config = UnlearnConfig(
+        method="ga+gdr",
+        robust_to=["rtn-w4-g64"],
+        stop_forget_recall=0.3,
+        lr=3e-4,
+        batch_size=8,
+        max_steps=40,
+        eval_every=2,
+    )
+    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "u", config, progress=False)
+    history = result.record["history"]
+    assert result.record["stopped_early"]
+    last = history[-1]
+    assert max(last["recall_forget"], last["recall_forget_rounded"]) <= 0.3
+    assert all(max(h["recall_forget"], h["recall_forget_rounded"]) > 0.3 for h in history[:-1])
+    # The rounded recall is the saved model's, rounded by the grid and measured here.
+    model, tokenizer = load_model(result.path)
+    pairs = load_benchmark(small_benchmark_dir).forget_qa
+    with applied(get_attack("rtn-w4-g64"), model, AttackContext()):
+        assert qa_recall(model, tokenizer, pairs)["value"] == last["recall_forget_rounded"]

@@ -774,8 +774,9 @@ def _add_demo(subparsers) -> None:
         "demo",
         help=COMMAND_HELP["demo"],
         description="Generate the built-in benchmark, train the target (forget + retain) and retrained "
-        "(retain only) models, unlearn with GA, GA+GDR, NPO, NPO+GDR, NPO+KLR, SURE and NPO+GDR in "
-        "bfloat16, audit every model under quantization, relearning and noise, print a verdict per "
+        "(retain only) models, unlearn with GA, GA+GDR, NPO, NPO+GDR, NPO+KLR, SimNPO+GDR, RMU, SURE "
+        "(each at the learning rate that keeps the most utility) and NPO+GDR in bfloat16, audit every "
+        "model under quantization, relearning and noise, print a verdict per "
         "method and write the report. Runs the shipped experiment file demo.yaml (see docs/experiments.md); "
         "models are cached, so a second run takes a fraction of the time.",
     )

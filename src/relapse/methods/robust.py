@@ -7,7 +7,9 @@ the weights as one of those grids rounds them, ``Q(w)``, with straight-through g
 (``w + (Q(w) - w).detach()``: the value is ``Q(w)``, the gradient flows to ``w`` as if rounding were the
 identity). The loss minimised is ``L(w) + L(Q(w))``, so the rounded model is trained to forget and to
 keep its utility, not only the float one. One grid per step, in turn (step ``s`` uses grid ``s mod n``):
-the cost is one extra forward and backward pass per step, whatever the number of grids.
+the cost is one extra forward and backward pass per step, whatever the number of grids. The stop rules
+(``--stop-forget-recall``, ``--stop-forget-nll``) then read the worst of the float model and its rounded
+versions: a run stops once the models its grids would serve have forgotten too.
 
 Grids are attack names whose attack rounds weights (``rtn-w4-ch``, ``rtn-w4-g64``, ``bnb-nf4``,
 ``gguf-q4_1``, ...; see docs/attacks.md); ``default`` stands for RTN per channel and with groups of 64
@@ -19,6 +21,7 @@ trained or unlearned from it). The rounded weights are the attacks' own: the dec
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +112,18 @@ class RobustObjective:
                 rounded = attack.round_weight(weight.detach(), name)
             weights[name] = weight + (rounded - weight).detach()
         return RoundedView(model, weights)
+
+    def rounded_metrics(
+        self, model: torch.nn.Module, measure: Callable[[torch.nn.Module], dict[str, float]]
+    ) -> dict[str, dict[str, float]]:
+        """``measure(model)`` with the model's weights rounded by each grid in turn (restored after)."""
+        from relapse.attacks.base import AttackContext, applied
+
+        out = {}
+        for name, attack in zip(self.grids, self.attacks, strict=True):
+            with applied(attack, model, AttackContext()):
+                out[name] = measure(model)
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"grids": self.grids, "rounded_weights": len(self.names), "schedule": "one grid per step"}

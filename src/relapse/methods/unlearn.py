@@ -76,7 +76,8 @@ ADDED_FIELDS = (
 
 @dataclass
 class UnlearnConfig:
-    """Everything that determines an unlearned model; all fields but ``checkpoint_every`` are in its key."""
+    """Everything that determines an unlearned model; all fields but ``checkpoint_every`` are in its key
+    (and ``lr`` when ``select_lr`` chooses it)."""
 
     method: str = "npo+gdr"
     alpha: float = 1.0
@@ -354,13 +355,23 @@ def unlearn_model(
     def refresh_mask(step: int) -> None:
         mask.refresh(net, forget_term.loss, to_device(batch_for_step(step, 0)["forget"], target))
 
-    def check(model: torch.nn.Module) -> dict[str, float]:
-        """What the stop rules read, every ``eval_every`` steps: the forget set only. Retain recall (the
-        retain set is usually many times larger) is measured at the start and the end."""
+    def forget_metrics(model: torch.nn.Module) -> dict[str, float]:
         return {
             "recall_forget": qa_recall(model, tokenizer, benchmark.forget_qa)["value"],
             "nll_forget": forget_nll(model, forget, pad_id),
         }
+
+    def check(model: torch.nn.Module) -> dict[str, float]:
+        """What the stop rules read, every ``eval_every`` steps: the forget set only (retain recall, whose
+        set is usually many times larger, is measured at the start and the end). With ``--robust-to`` also
+        the worst of the rounded models (highest recall, lowest NLL), so a run stops only once the models
+        its grids serve have forgotten too."""
+        metrics = forget_metrics(model)
+        if robust is not None:
+            rounded = robust.rounded_metrics(model, forget_metrics)
+            metrics["recall_forget_rounded"] = max(r["recall_forget"] for r in rounded.values())
+            metrics["nll_forget_rounded"] = min(r["nll_forget"] for r in rounded.values())
+        return metrics
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         return {
@@ -369,10 +380,10 @@ def unlearn_model(
         }
 
     def should_stop(metrics: dict[str, float]) -> bool:
-        recall_done = (
-            config.stop_forget_recall is not None and metrics["recall_forget"] <= config.stop_forget_recall
-        )
-        nll_done = config.stop_forget_nll is not None and metrics["nll_forget"] >= config.stop_forget_nll
+        recall = max(metrics["recall_forget"], metrics.get("recall_forget_rounded", 0.0))
+        nll = min(metrics["nll_forget"], metrics.get("nll_forget_rounded", math.inf))
+        recall_done = config.stop_forget_recall is not None and recall <= config.stop_forget_recall
+        nll_done = config.stop_forget_nll is not None and nll >= config.stop_forget_nll
         return recall_done or nll_done
 
     start_metrics = evaluate(net)  # the starting model's, for the utility floor
