@@ -47,6 +47,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "rmu": {"method": "rmu", "alpha": 10, "select_lr": [3e-3, 1e-3]},
     "npo+gdr-sam": {"method": "npo+gdr", "sam_rho": 0.05},
     "npo+gdr-robust": {"method": "npo+gdr", "robust_to": ROBUST_GRIDS},
+    "npo+gdr-robust-base": {"method": "npo+gdr", "robust_to": [BASE_GRID]},
     "npo+gdr-robust-sam": {"method": "npo+gdr", "robust_to": ROBUST_GRIDS, "sam_rho": 0.05},
 }
 
@@ -72,7 +73,8 @@ def experiment(base: Path) -> dict[str, Any]:
                 "batch_size": 16,
                 "max_steps": 60,
                 "eval_every": 5,
-                "stop_forget_recall": 0.3,
+                # The bar asks for forget recall at most the retrained model's + 0.1 (0.06 + 0.1 here).
+                "stop_forget_recall": 0.15,
                 "select_lr": SELECT,
             },
             "runs": ROWS,
@@ -89,7 +91,7 @@ def table(results: dict[str, Any], models: dict[str, dict[str, Any]]) -> dict[st
         return cell_value(results, model, attack, metric)
 
     rows = {}
-    for label in ROWS:
+    for label in (name for name in ROWS if name in models):
         record = json.loads((Path(models[label]["path"]) / "unlearn.json").read_text())
         per_step = record["wall_time_s"] / max(1, record["steps"])
         kept = {a: recovery[label][a].get("nll_forget:kept") for a in [*QUANTIZERS, NOISE]}
@@ -110,6 +112,11 @@ def table(results: dict[str, Any], models: dict[str, dict[str, Any]]) -> dict[st
             "kept": kept,
             "relearn": relearn,
             "moved_share": record["weight_change"]["moved_share"],
+            # How far unlearning moved the weights on the base grid, and how many of its codes it changed.
+            "diagnostics": {
+                key: (results.get("diagnostics", {}).get(label, {}).get(BASE_GRID) or {}).get(key)
+                for key in ("mean_dw_over_step", "codes_changed")
+            },
         }
     guard = {a: value(target, a, "recall_forget") for a in [*QUANTIZERS, NOISE]}
     reference = rows["npo+gdr"]["relearn"]
@@ -178,6 +185,7 @@ def markdown(summary: dict[str, Any]) -> str:
             control = "" if r["control"] is None else f" ({r['control']:.0%})"
             relearn.append(shown + control)
         failed = [k for k, ok in row["bar"].items() if not ok]
+        diagnostics = row["diagnostics"]
         bar = "robust" if row["robust"] else "no: " + ", ".join(failed)
         lines.append(
             f"| {label} | {row['lr']:g} | {row['steps']} | {row['forget']:.2f} | {row['retain']:.2f} | "
@@ -185,17 +193,33 @@ def markdown(summary: dict[str, Any]) -> str:
             + " | ".join(kept)
             + " | "
             + " | ".join(relearn)
-            + f" | {row['seconds_per_step']:.2f} | {bar} |"
+            + f" | {row['seconds_per_step']:.2f} | {_number(diagnostics['mean_dw_over_step'], '.3f')} | "
+            f"{_number(diagnostics['codes_changed'], '.2%')} | {bar} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--table-only", action="store_true", help="run nothing: rebuild the table from OUT's finished run"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        record = json.loads((args.out / "run" / "experiment.json").read_text())
+        results = json.loads((args.out / "run" / "audit" / "results.json").read_text())
+        summary = {**table(results, record["models"]), "experiment": record["experiment"]}
+        atomic_write_json(args.out / "table.json", summary)
+        atomic_write_text(args.out / "table.md", markdown(summary))
+        print(markdown(summary))
+        return
     spec = experiment(Path("placeholder"))
     data = args.out / "bench"
     synth_benchmark(seed=spec["seed"], **spec["data"]["synth"]).save(data)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from relapse.errors import ConfigError
-from relapse.methods.select import choose, utility_check
-from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+from relapse.errors import ConfigError, DivergenceError
+from relapse.methods.select import choose, select_run, utility_check
+from relapse.methods.unlearn import UnlearnConfig, UnlearnResult, unlearn_model
 
 
 def _row(lr, reached, forget, retain):
@@ -104,3 +105,27 @@ def test_selection_sweeps_records_and_keeps_the_best_run(trained_small, small_be
     # A second call reads the result instead of sweeping again.
     again = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "sel", config, progress=False)
     assert again.cached and again.record["selection"]["chosen_lr"] == best["lr"]
+
+
+def test_a_diverging_rate_is_recorded_and_the_next_one_tried(trained_small, tmp_path):
+    # select_run with a stand-in for the runs: the largest rate diverges, the next one reaches the target.
+    def run_one(config):
+        if config.lr == 1e-2:
+            raise DivergenceError("unlearn ga diverged: the loss is nan at step 2 of 6")
+        record = {
+            "steps": 4,
+            "stopped_early": True,
+            "final": {"recall_forget": 0.2, "recall_retain": 0.9},
+            "wall_time_s": 1.0,
+            "config": {"lr": config.lr},
+        }
+        return UnlearnResult(trained_small.path, record, cached=False)
+
+    config = UnlearnConfig(method="ga", select_lr=[1e-2, 1e-4], stop_forget_recall=0.3)
+    result = select_run("m", tmp_path, tmp_path / "out", "key", config, run_one)
+    rows = result.record["selection"]["candidates"]
+    assert rows[0] == {"lr": 1e-2, "diverged": "unlearn ga diverged: the loss is nan at step 2 of 6"}
+    assert result.record["selection"]["chosen_lr"] == 1e-4 and rows[1]["reached_target"]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    with pytest.raises(DivergenceError, match="every learning rate"):
+        select_run("m", tmp_path, tmp_path / "out2", "key", replace(config, select_lr=[1e-2]), run_one)

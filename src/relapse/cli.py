@@ -223,7 +223,8 @@ def _cmd_train(args) -> int:
         batch_size=args.batch_size,
         warmup_steps=args.warmup_steps,
         schedule=args.schedule,
-        stop_recall=args.stop_recall or None,
+        # 0 (only 0) disables the stop rule; anything else, negative or NaN too, is TrainConfig's to check.
+        stop_recall=None if args.stop_recall == 0 else args.stop_recall,
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
@@ -415,6 +416,15 @@ def _add_unlearn(subparsers) -> None:
     p.set_defaults(func=_cmd_unlearn)
 
 
+def _candidate_text(row: dict) -> str:
+    """One learning rate of a selection sweep, as ``unlearn`` prints it."""
+    if "skipped" in row or "diverged" in row:
+        return f"{row['lr']:g}: {'skipped' if 'skipped' in row else 'diverged'}"
+    final = row["final"]
+    text = f"{row['lr']:g}: {row['steps']} steps, forget {final['recall_forget']:.2f}, "
+    return text + f"retain {final['recall_retain']:.2f}" + ("" if row["reached_target"] else " (no target)")
+
+
 def _cmd_unlearn(args) -> int:
     from relapse.methods.parallel import is_main_process
     from relapse.methods.unlearn import UnlearnConfig, unlearn_model
@@ -440,7 +450,8 @@ def _cmd_unlearn(args) -> int:
         warmup_steps=args.warmup_steps,
         schedule=args.schedule,
         weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm or None,
+        # 0 (only 0) turns clipping off; anything else, negative or NaN included, is UnlearnConfig's to check.
+        max_grad_norm=None if args.max_grad_norm == 0 else args.max_grad_norm,
         data=args.unlearn_data,
         tokens=args.tokens,
         weights=args.weights,
@@ -475,17 +486,7 @@ def _cmd_unlearn(args) -> int:
     )
     selection = record.get("selection")
     if selection:
-        tried = ", ".join(
-            f"{row['lr']:g}: "
-            + (
-                "skipped"
-                if "skipped" in row
-                else f"{row['steps']} steps, forget {row['final']['recall_forget']:.2f}, "
-                f"retain {row['final']['recall_retain']:.2f}"
-                + ("" if row["reached_target"] else " (no target)")
-            )
-            for row in selection["candidates"]
-        )
+        tried = ", ".join(_candidate_text(row) for row in selection["candidates"])
         print(f"selected lr {selection['chosen_lr']:g} of {tried}")
     if (record.get("utility") or {}).get("over_unlearned"):
         utility = record["utility"]

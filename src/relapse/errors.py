@@ -22,3 +22,22 @@ class ModelError(RelapseError):
 
 class ConfigError(RelapseError):
     """An option or configuration value is invalid."""
+
+
+class WeightsError(ModelError, ConfigError):
+    """A model's weight files are damaged or do not fit its config: unreadable, a tensor missing, extra or
+    of the wrong shape, or NaN or infinite values.
+
+    Loading such a model would not fail on its own (transformers starts missing tensors at random and
+    NaN weights load fine), so relapse refuses it by name. It is a :class:`ModelError` (the model cannot be
+    loaded) and a :class:`ConfigError` (the model named is input like any option), so callers catching
+    either see it.
+    """
+
+
+class DivergenceError(ConfigError):
+    """A run's loss or gradient became NaN or infinite, so its result would be meaningless.
+
+    A :class:`ConfigError` because the settings (most often the learning rate) are what make a run
+    diverge; the run stops before the bad step is applied, and nothing is saved.
+    """

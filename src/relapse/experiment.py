@@ -20,10 +20,10 @@ Schema (unknown keys are errors, so a typo cannot silently fall back to a defaul
                                                   # fetched into the cache, see docs/models.md)
       retrained: true                             # false: no retrained model (no PrivLeak, no control)
     unlearn:
-      defaults: {lr: 1e-4, stop_forget_recall: 0.3}   # UnlearnConfig fields shared by all runs
+      defaults: {lr: 1.0e-4, stop_forget_recall: 0.3} # UnlearnConfig fields shared by all runs
       runs:
         ga: {method: ga}
-        sure: {method: npo+gdr, sure_top: 0.1, lr: 1e-3}
+        sure: {method: npo+gdr, sure_top: 0.1, lr: 1.0e-3}
     audit:
       attacks: [rtn-w8-ch, rtn-w4-g128, gptq-w4-g128, relearn-retain-25]
       metrics: [verbmem, knowmem, privleak, utility]

@@ -13,7 +13,7 @@ import platform
 import random
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -197,3 +197,17 @@ def cache_dir() -> Path:
     env = os.environ.get("RELAPSE_CACHE")
     root = Path(env) if env else Path.home() / ".cache" / "relapse"
     return root.expanduser()
+
+
+def cached_json(kind: str, key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept in the cache under ``kind`` by a hash of ``key`` (JSON), so that a value many
+    runs need (a starting model's metrics) is computed once. An unreadable entry is computed again."""
+    path = cache_dir() / kind / f"{stable_hash(key)}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            pass
+    value = compute()
+    atomic_write_json(path, value)
+    return value

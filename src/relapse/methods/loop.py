@@ -33,7 +33,8 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from tqdm.auto import tqdm
 
-from relapse.errors import ConfigError
+from relapse import options
+from relapse.errors import ConfigError, DivergenceError
 from relapse.methods.parallel import barrier, data_parallel, is_main_process
 from relapse.models.io import round_to_bfloat16_, save_model
 from relapse.runtime import atomic_write_json, replace_dir
@@ -60,18 +61,22 @@ class LoopConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.max_steps < 1:
-            raise ConfigError(f"the number of steps must be at least 1, got {self.max_steps}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("batch size and gradient accumulation must be at least 1")
+        # The method configs check their options first, by the same rules; this catches direct callers.
+        options.positive(self.lr, "--lr")
+        options.non_negative(self.weight_decay, "--weight-decay")
+        options.optional(options.positive, self.max_grad_norm, "--max-grad-norm")
+        options.optional(options.positive, self.sam_rho, "--sam-rho")
+        for value, option, minimum in (
+            (self.max_steps, "--steps", 1),
+            (self.batch_size, "--batch-size", 1),
+            (self.grad_accum, "--grad-accum", 1),
+            (self.warmup_steps, "--warmup-steps", 0),
+            (self.eval_every, "--eval-every", 1),
+            (self.checkpoint_every, "--checkpoint-every", 1),
+        ):
+            options.whole(value, option, minimum)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
-        if self.eval_every < 1 or self.checkpoint_every < 1:
-            raise ConfigError("eval_every and checkpoint_every must be at least 1")
-        if self.sam_rho is not None and not self.sam_rho > 0:
-            raise ConfigError(f"sam_rho must be positive, got {self.sam_rho}")
 
     @classmethod
     def from_settings(cls, settings: Any, steps_per_epoch: int) -> LoopConfig:
@@ -196,6 +201,7 @@ def run_loop(
         start_step, history, loss_curve = state["step"], state["history"], state["loss_curve"]
         elapsed_before = state["elapsed_s"]
         resumed_from = start_step
+    saved_step = resumed_from  # the step of the checkpoint on disk, if any
 
     model.train()
     started = time.perf_counter()
@@ -218,6 +224,8 @@ def run_loop(
             total, logs_sum = _step_gradients(
                 model, params, config, step, batch_for_step, loss_fn, parallel, device, emulate_bfloat16
             )
+            if not math.isfinite(total):
+                raise _diverged(f"the loss is {total}", step, config, description, checkpoint, saved_step)
             if after_backward is not None:
                 after_backward()
             if config.sam_rho is not None:
@@ -226,6 +234,12 @@ def run_loop(
                 )
                 if after_backward is not None:
                     after_backward()
+            # A finite loss can still give NaN or infinite gradients (an overflow in the backward pass);
+            # one step with them would leave NaN weights, and after the last step nothing would notice.
+            if not _all_finite(p.grad for p in params):
+                raise _diverged(
+                    "the gradient is not finite", step, config, description, checkpoint, saved_step
+                )
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -256,6 +270,7 @@ def run_loop(
                     _save_checkpoint(
                         checkpoint, model, optimizer, run_key, step, history, loss_curve, elapsed
                     )
+                saved_step = step
                 if parallel is not None:
                     parallel.barrier()
     finally:
@@ -268,6 +283,34 @@ def run_loop(
         resumed_from_step=resumed_from,
         history=history,
         loss_curve=loss_curve,
+    )
+
+
+def _all_finite(tensors) -> bool:
+    """Whether every value of ``tensors`` (None skipped) is finite: the min and max of each tensor (exact,
+    no overflow, no copy of the tensor; NaN propagates), checked with one synchronisation."""
+    extremes = [
+        torch.stack(torch.aminmax(t.detach())).float() for t in tensors if t is not None and t.numel()
+    ]
+    return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
+
+
+def _diverged(
+    what: str,
+    step: int,
+    config: LoopConfig,
+    description: str,
+    checkpoint: Path | None,
+    saved_step: int | None,
+) -> DivergenceError:
+    """The one-line error for a run that diverged at (0-based) ``step``, raised before that step changes
+    the weights. The last checkpoint, written at a step whose loss and gradients were finite, is kept."""
+    kept = ""
+    if checkpoint is not None and saved_step is not None and (checkpoint / "state.json").exists():
+        kept = f"; the checkpoint of step {saved_step} stays in {checkpoint.parent}"
+    return DivergenceError(
+        f"{description} diverged: {what} at step {step + 1} of {config.max_steps}; nothing was saved "
+        f"(try a lower learning rate){kept}"
     )
 
 

@@ -7,7 +7,8 @@ target (``--stop-forget-recall`` / ``--stop-forget-nll``), and keeps the run tha
 the highest retain recall, the way MUSE picks the checkpoints it reports. The whole sweep is recorded.
 
 Rates are tried from the largest down: a rate that does not reach the target within ``max_steps`` is
-the last one tried, since smaller ones move the weights less in the same number of steps. Every
+the last one tried, since smaller ones move the weights less in the same number of steps; a rate whose
+run diverges (a non-finite loss) is recorded as such and the next one is tried. Every
 candidate is an ordinary cached unlearning run, so a sweep resumes and a second sweep only reads.
 Selection costs no extra evaluation: each run already evaluates forget and retain recall at every check
 (``eval_every``) for its stop rule, and the choice reads those numbers.
@@ -25,7 +26,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from relapse.errors import ConfigError
+from relapse.errors import ConfigError, DivergenceError
 from relapse.runtime import atomic_write_json, replace_dir
 
 if TYPE_CHECKING:
@@ -80,7 +81,11 @@ def select_run(
     results = {}
     rates = sorted(set(config.select_lr), reverse=True)
     for position, lr in enumerate(rates):
-        result = run_one(replace(config, lr=lr, select_lr=None))
+        try:
+            result = run_one(replace(config, lr=lr, select_lr=None))
+        except DivergenceError as exc:  # too large a rate: the smaller ones may still work
+            rows.append({"lr": lr, "diverged": str(exc)})
+            continue
         record = result.record
         row = {
             "lr": lr,
@@ -102,7 +107,9 @@ def select_run(
                 for smaller in rates[position + 1 :]
             ]
             break
-    tried = [r for r in rows if "skipped" not in r]
+    tried = [r for r in rows if "final" in r]
+    if not tried:
+        raise DivergenceError(f"every learning rate of --select-lr diverged: {rows[-1]['diverged']}")
     chosen = choose(tried)
     source = results[chosen["lr"]]
     record = {

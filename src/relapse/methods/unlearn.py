@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from relapse import options
 from relapse.data.batching import EpochSampler, Example, tokenize_answers_only, tokenize_for_lm
 from relapse.data.benchmark import Benchmark, benchmark_files, load_benchmark
 from relapse.data.prompts import qa_prompt, qa_text
@@ -47,6 +48,7 @@ from relapse.models.io import BFLOAT16_EMULATED, PRECISIONS, load_model, reuse_o
 from relapse.models.train import model_identity
 from relapse.runtime import (
     cache_dir,
+    cached_json,
     hash_files,
     package_versions,
     resolve_device,
@@ -119,6 +121,7 @@ class UnlearnConfig:
 
     def __post_init__(self) -> None:
         self.spec  # noqa: B018 - validates the method name
+        self._check_numbers()
         for name, value, choices in (
             ("--variant", self.variant, VARIANTS),
             ("--data", self.data, DATA_CHOICES),
@@ -136,8 +139,6 @@ class UnlearnConfig:
             )
         if self.tokens == "answer" and self.data != "qa":
             raise ConfigError("--tokens answer needs --data qa (texts have no answer part)")
-        if self.beta <= 0 or self.alpha < 0:
-            raise ConfigError("--beta must be positive and --alpha non-negative")
         if self.sure_top is not None and not 0.0 < self.sure_top <= 1.0:
             raise ConfigError(f"--sure-top must be in (0, 1], got {self.sure_top}")
         if self.lora_r is not None and self.lora_r < 1:
@@ -148,10 +149,6 @@ class UnlearnConfig:
             )
         if self.sure_per_step and self.sure_top is None:
             raise ConfigError("--sure-per-step needs --sure-top")
-        if self.simnpo_beta <= 0 or self.simnpo_gamma < 0:
-            raise ConfigError("--simnpo-beta must be positive and --simnpo-gamma non-negative")
-        if self.rmu_coeff <= 0:
-            raise ConfigError(f"--rmu-coeff must be positive, got {self.rmu_coeff}")
         if self.select_lr is not None:
             if not isinstance(self.select_lr, list | tuple) or not self.select_lr:
                 raise ConfigError("--select-lr needs at least one learning rate")
@@ -169,12 +166,45 @@ class UnlearnConfig:
                 raise ConfigError(
                     "--robust-to rounds the model's own weights; it cannot be combined with --lora-r"
                 )
-        if self.sam_rho is not None and not self.sam_rho > 0:
-            raise ConfigError(f"--sam-rho must be positive, got {self.sam_rho}")
         if self.spec.forget == "rmu" and (self.lora_r is not None or self.sure_top is not None):
             raise ConfigError("rmu chooses its own trainable weights: it takes no --lora-r or --sure-top")
         if self.weights != "float32" and self.autocast_bf16:
             raise ConfigError("--autocast-bf16 is for float32 weights; bfloat16 weights need no autocast")
+
+    def _check_numbers(self) -> None:
+        """Refuse every numeric option outside its range, NaN and infinities included, before any work:
+        a NaN ``--alpha`` or a negative ``--max-grad-norm`` would otherwise run to the end and save a
+        meaningless model (options with no CLI flag are named by their field)."""
+        for value, option in (
+            (self.lr, "--lr"),
+            (self.beta, "--beta"),
+            (self.simnpo_beta, "--simnpo-beta"),
+            (self.rmu_coeff, "--rmu-coeff"),
+            (self.reference_budget_gb, "reference_budget_gb"),
+        ):
+            options.positive(value, option)
+        for value, option in (
+            (self.alpha, "--alpha"),
+            (self.simnpo_gamma, "--simnpo-gamma"),
+            (self.weight_decay, "--weight-decay"),
+        ):
+            options.non_negative(value, option)
+        options.optional(options.positive, self.max_grad_norm, "--max-grad-norm")
+        options.optional(options.positive, self.epochs, "--epochs")
+        options.optional(options.positive, self.sam_rho, "--sam-rho")
+        options.optional(options.in_range, self.stop_forget_recall, "--stop-forget-recall", 0.0, 1.0)
+        # A forget NLL is positive, so a target at or below zero would stop a run at its first check.
+        options.optional(options.positive, self.stop_forget_nll, "--stop-forget-nll")
+        for value, option, minimum in (
+            (self.max_steps, "--steps", 1),
+            (self.batch_size, "--batch-size", 1),
+            (self.grad_accum, "--grad-accum", 1),
+            (self.warmup_steps, "--warmup-steps", 0),
+            (self.eval_every, "--eval-every", 1),
+            (self.checkpoint_every, "--checkpoint-every", 1),
+            (self.max_length, "max_length", 2),
+        ):
+            options.whole(value, option, minimum)
 
     @property
     def spec(self) -> MethodSpec:
@@ -386,7 +416,16 @@ def unlearn_model(
         nll_done = config.stop_forget_nll is not None and nll >= config.stop_forget_nll
         return recall_done or nll_done
 
-    start_metrics = evaluate(net)  # the starting model's, for the utility floor
+    # The starting model's metrics (for the utility floor), shared by every run from the same model, data
+    # and precision: a selection sweep or an experiment's methods measure them once.
+    start_key = {
+        "model": model_identity(str(model)),
+        "data": hash_files(benchmark_files(data_dir)),
+        "examples": [config.data, config.tokens, config.max_length],
+        "weights": config.weights,
+        "robust": robust.grids if robust is not None else None,
+    }
+    start_metrics = cached_json("start-metrics", start_key, lambda: evaluate(net))
     loop_config = LoopConfig.from_settings(config, forget_sampler.steps_per_epoch)
     result = run_loop(
         net,

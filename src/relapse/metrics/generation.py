@@ -23,6 +23,17 @@ def _cache_argument(model_class: type) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+@cache
+def _last_logits_only(model_class: type) -> dict[str, int]:
+    """The forward keyword that computes the logits of the last position alone, where the model has one
+    (generation reads no other; over a prompt the LM head would otherwise run at every position)."""
+    parameters = inspect.signature(model_class.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in parameters:
+            return {name: 1}
+    return {}
+
+
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     cut = len(text)
     for stop in stop_strings:
@@ -91,6 +102,7 @@ def _generate_batch(model, tokenizer, prompts_ids, max_new_tokens, pad_id, eos_i
     finished = torch.zeros(len(prompts_ids), dtype=torch.bool, device=device)
     past = None
     cache_kw = _cache_argument(type(model))
+    last_only = _last_logits_only(type(model))
     step_ids, step_positions = input_ids, position_ids
     for _ in range(max_new_tokens):
         out = model(
@@ -99,6 +111,7 @@ def _generate_batch(model, tokenizer, prompts_ids, max_new_tokens, pad_id, eos_i
             position_ids=step_positions,
             use_cache=True,
             **{cache_kw: past},
+            **last_only,
         )
         past = out[cache_kw]
         next_ids = out.logits[:, -1, :].argmax(dim=-1)

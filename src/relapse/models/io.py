@@ -8,14 +8,16 @@ access needs network, which the tests never use.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from relapse.errors import ConfigError, ModelError
+from relapse.errors import ConfigError, ModelError, WeightsError
 from relapse.runtime import atomic_write_json, replace_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,9 +82,12 @@ def load_model(
 
     Raises:
         ModelError: the folder is missing, has no safetensors weights, or the model cannot be loaded.
+        WeightsError: a weight file is unreadable (truncated, not safetensors), lacks a tensor the config
+            needs, has one it does not, has one of the wrong shape, or holds NaN or infinite values.
     """
     name = str(name_or_path)
     parse_dtype(compute_dtype(dtype))  # a bad dtype fails before any loading
+    files: dict[str, Path] = {}
     if _looks_like_path(name):
         folder = Path(name).expanduser()
         if not folder.is_dir():
@@ -95,29 +100,137 @@ def load_model(
             )
             hint = f" (found {', '.join(pickled)}: relapse never unpickles weight files)" if pickled else ""
             raise ModelError(f"{folder} has no .safetensors weights{hint}")
+        files = _weight_files(folder)
         source: str = str(folder)
     else:
         source = name
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        # ignore_mismatched_sizes: a misshapen tensor is reported below, by name, not as a RuntimeError.
+        model, loading = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=parse_dtype(compute_dtype(dtype)),
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             revision=revision,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
         )
+        _check_loading(model, loading, name, files)
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=trust_remote_code, revision=revision
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {name!r}: {first_line}") from None
     apply_precision_(model, dtype)
     model.to(device)
+    _check_finite(model, name, files, dtype)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Which file of ``folder`` holds each tensor, reading only the headers of the safetensors files that
+    transformers would load (``model.safetensors``, or the shards its index names).
+
+    safetensors checks a header against the file's size, so a truncated or garbage file is refused here,
+    by name, instead of failing deep inside transformers.
+    """
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise WeightsError(f"{index} is not a safetensors index (no weight_map)") from None
+        paths = [folder / str(shard) for shard in shards]
+    elif (folder / "model.safetensors").exists():
+        paths = [folder / "model.safetensors"]
+    else:
+        return {}  # transformers says what it misses
+    files: dict[str, Path] = {}
+    for path in paths:
+        if not path.is_file():
+            raise WeightsError(f"{index} names {path.name}, which is not in {folder}")
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                files.update(dict.fromkeys(weights.keys(), path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WeightsError(
+                f"{path} is not a readable safetensors file ({detail}); save or fetch the model again"
+            ) from None
+    return files
+
+
+def _where(key: str, name: str, files: dict[str, Path]) -> str:
+    """The file that holds (or, for a missing tensor, should hold) ``key``: its shard, the only weight
+    file, or the model's name when neither is known (a hub id, a sharded folder)."""
+    if key in files:
+        return str(files[key])
+    paths = set(files.values())
+    return str(paths.pop()) if len(paths) == 1 else name
+
+
+def _first(keys) -> tuple[str, str]:
+    """The first of ``keys`` in sorted order, and how an error names them: that one and how many more."""
+    ordered = sorted(keys)
+    return ordered[0], ordered[0] + (f" (and {len(ordered) - 1} more)" if len(ordered) > 1 else "")
+
+
+def _check_loading(
+    model: PreTrainedModel, loading: dict[str, Any], name: str, files: dict[str, Path]
+) -> None:
+    """Refuse a checkpoint whose tensors do not match the architecture, which transformers only logs: it
+    starts a missing tensor at random and drops an unexpected one. A tensor tied to one that was loaded
+    (``lm_head`` under ``tie_word_embeddings``) is not missing, whatever the transformers version says."""
+    arch = type(model).__name__
+    reported = set(loading.get("missing_keys") or ())
+    tied: dict[int, set[str]] = {}  # storage -> every parameter name that uses it
+    for key, parameter in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(parameter.data_ptr(), set()).add(key)
+    loaded = {key for names in tied.values() if names - reported for key in names}
+    if missing := reported - loaded:
+        first, named = _first(missing)
+        raise WeightsError(
+            f"{_where(first, name, files)} lacks tensor {named} that {arch} needs; "
+            "transformers would start it at random"
+        )
+    if unexpected := loading.get("unexpected_keys"):
+        first, named = _first(unexpected)
+        raise WeightsError(
+            f"{_where(first, name, files)} has tensor {named} that {arch} does not; "
+            "does config.json belong to these weights?"
+        )
+    mismatched = sorted(loading.get("mismatched_keys") or ())
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        raise WeightsError(
+            f"{_where(key, name, files)}: tensor {key} has shape {list(stored)}, but {arch} expects "
+            f"{list(expected)}; does config.json belong to these weights?"
+        )
+    errors = [str(e).strip() for e in loading.get("error_msgs") or () if str(e).strip()]
+    if errors:
+        raise WeightsError(f"cannot load the weights of {name}: {errors[0].splitlines()[0]}")
+
+
+@torch.no_grad()
+def _check_finite(model: PreTrainedModel, name: str, files: dict[str, Path], dtype: str) -> None:
+    """Refuse weights holding NaN or infinite values (a run that diverged, a damaged file): every metric
+    of such a model is meaningless. One pass: each tensor's min and max (exact, no copy), NaN propagating,
+    on the model's device."""
+    seen: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or not tensor.numel() or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        low, high = torch.aminmax(tensor)
+        if math.isfinite(float(low)) and math.isfinite(float(high)):
+            continue
+        kind = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+        cast = "" if dtype == "float32" else f" once loaded as {dtype}"
+        raise WeightsError(f"{_where(key, name, files)}: tensor {key} holds {kind} values{cast}")
 
 
 def save_model(

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from relapse import options
 from relapse.data.batching import EpochSampler, collate, tokenize_for_lm
 from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.data.prompts import qa_text
@@ -77,10 +78,27 @@ class TrainConfig:
             raise ConfigError(f"--on must be one of {', '.join(TRAIN_SPLITS)}, got {self.on!r}")
         if self.stop_recall is not None and not 0.0 < self.stop_recall <= 1.0:
             raise ConfigError(f"--stop-recall must be in (0, 1], got {self.stop_recall}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
         if self.dtype not in PRECISIONS:
             raise ConfigError(f"--dtype must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Refuse every numeric option outside its range, NaN and infinities included, before any work:
+        a NaN ``--lr`` would otherwise train to the end and save a NaN model (options that ``relapse
+        train`` has no flag for, set in experiment files, are named by their field)."""
+        options.positive(self.lr, "--lr")
+        options.optional(options.positive, self.epochs, "--epochs")
+        options.non_negative(self.weight_decay, "weight_decay")
+        options.optional(options.positive, self.max_grad_norm, "max_grad_norm")
+        for value, option, minimum in (
+            (self.max_steps, "--steps", 1),
+            (self.batch_size, "--batch-size", 1),
+            (self.warmup_steps, "--warmup-steps", 0),
+            (self.eval_every, "--eval-every", 1),
+            (self.checkpoint_every, "--checkpoint-every", 1),
+            (self.max_length, "max_length", 2),
+        ):
+            options.whole(value, option, minimum)
 
     def key_fields(self, from_scratch: bool) -> dict[str, Any]:
         """The settings that determine the trained weights (checkpoint cadence does not)."""

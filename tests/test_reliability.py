@@ -1,0 +1,372 @@
+"""Bad input ends with one ``relapse: error:`` line and exit status 2, never a traceback and never a
+silently wrong result, and nothing is written when input is refused: numeric options are checked before
+any work, a model's weight files are checked when it is loaded, and a run whose loss or gradient stops
+being finite ends with an error naming the step instead of saving a broken model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import relapse.methods.losses as losses_module
+import relapse.methods.unlearn as unlearn_module
+from relapse.cli import main
+from relapse.errors import ConfigError, DivergenceError, ModelError, WeightsError
+from relapse.methods.loop import LoopConfig, run_loop, work_dir_for
+from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+from relapse.models import load_model, save_model
+from relapse.models.io import _check_loading
+from relapse.models.train import TrainConfig
+
+NAN, INF = float("nan"), float("inf")
+Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
+
+
+def _error_line(capsys) -> str:
+    """The one line a refused command prints on stderr (and nothing else there)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got {err!r}"
+    assert lines[0].startswith("relapse: error: "), err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Options are checked before any work.
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--alpha", "nan"], "--alpha"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "-1"], "--lr"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--weight-decay=-1"], "--weight-decay"),
+        (["--max-grad-norm=-1"], "--max-grad-norm"),
+        (["--max-grad-norm", "nan"], "--max-grad-norm"),
+        (["--beta", "inf"], "--beta"),
+        (["--epochs", "inf"], "--epochs"),
+        (["--grad-accum", "0"], "--grad-accum"),
+        (["--stop-forget-recall", "nan"], "--stop-forget-recall"),
+    ],
+)
+def test_cli_unlearn_refuses_bad_numbers_before_any_work(
+    trained_small, small_benchmark_dir, tmp_path, capsys, args, option
+):
+    out = tmp_path / "unlearned"
+    argv = ["unlearn", "--model", str(trained_small.path), "--data", str(small_benchmark_dir)]
+    if "--epochs" not in args:
+        argv += ["--steps", "2"]  # should the check be missing, the run is short
+    assert main([*argv, "--out", str(out), "--quiet", *args]) == 2
+    assert option in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == [], "a refused command writes nothing"
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--lr", "nan"], "--lr"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--lr", "inf"], "--lr"),
+        (["--stop-recall=-1"], "--stop-recall"),
+        (["--warmup-steps=-1"], "--warmup-steps"),
+    ],
+)
+def test_cli_train_refuses_bad_numbers_before_any_work(small_benchmark_dir, tmp_path, capsys, args, option):
+    out = tmp_path / "model"
+    argv = ["train", "--data", str(small_benchmark_dir), "--out", str(out), "--steps", "2", "--quiet"]
+    assert main([*argv, *args]) == 2
+    assert option in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == [], "a refused command writes nothing"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", None), ("0.5", 0.5)])
+def test_cli_max_grad_norm_zero_is_off(monkeypatch, tmp_path, capsys, value, expected):
+    """Only 0 means "no clipping"; -1 must not be read as off (it is refused above)."""
+    seen = {}
+
+    def capture(model, data, out, config, **kwargs):
+        seen["config"] = config
+        raise ConfigError("captured")
+
+    monkeypatch.setattr(unlearn_module, "unlearn_model", capture)
+    argv = ["unlearn", "--model", "m", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--max-grad-norm", value]) == 2
+    assert "captured" in _error_line(capsys)
+    assert seen["config"].max_grad_norm == expected
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "option"),
+    [
+        ("lr", NAN, "--lr"),
+        ("lr", 0.0, "--lr"),
+        ("lr", "1e-4", "--lr"),  # what YAML makes of 1e-4 without a dot
+        ("alpha", -0.5, "--alpha"),
+        ("alpha", INF, "--alpha"),
+        ("beta", 0.0, "--beta"),
+        ("simnpo_beta", NAN, "--simnpo-beta"),
+        ("simnpo_gamma", INF, "--simnpo-gamma"),
+        ("rmu_coeff", NAN, "--rmu-coeff"),
+        ("weight_decay", NAN, "--weight-decay"),
+        ("max_grad_norm", 0.0, "--max-grad-norm"),
+        ("max_grad_norm", INF, "--max-grad-norm"),
+        ("sam_rho", INF, "--sam-rho"),
+        ("warmup_steps", -1, "--warmup-steps"),
+        ("max_steps", 0, "--steps"),
+        ("max_steps", 2.5, "--steps"),
+        ("batch_size", True, "--batch-size"),
+        ("epochs", 0.0, "--epochs"),
+        ("epochs", NAN, "--epochs"),
+        ("eval_every", 0, "--eval-every"),
+        ("checkpoint_every", 0, "--checkpoint-every"),
+        ("stop_forget_recall", 1.5, "--stop-forget-recall"),
+        ("stop_forget_recall", -0.1, "--stop-forget-recall"),
+        ("stop_forget_nll", INF, "--stop-forget-nll"),
+        ("stop_forget_nll", 0.0, "--stop-forget-nll"),
+        ("reference_budget_gb", NAN, "reference_budget_gb"),
+        ("max_length", 1, "max_length"),
+    ],
+)
+def test_unlearn_config_refuses_bad_numbers(field, value, option):
+    with pytest.raises(ConfigError, match=option) as error:
+        UnlearnConfig(**{field: value})
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "option"),
+    [
+        ("lr", NAN, "--lr"),
+        ("lr", -1e-3, "--lr"),
+        ("max_steps", 0, "--steps"),
+        ("epochs", INF, "--epochs"),
+        ("batch_size", 0, "--batch-size"),
+        ("warmup_steps", -5, "--warmup-steps"),
+        ("weight_decay", -1.0, "weight_decay"),
+        ("max_grad_norm", -1.0, "max_grad_norm"),
+        ("max_grad_norm", NAN, "max_grad_norm"),
+        ("eval_every", 0, "--eval-every"),
+        ("checkpoint_every", 0, "--checkpoint-every"),
+        ("max_length", 0, "max_length"),
+    ],
+)
+def test_train_config_refuses_bad_numbers(field, value, option):
+    with pytest.raises(ConfigError, match=option):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "option"),
+    [
+        ("lr", NAN, "--lr"),
+        ("lr", INF, "--lr"),
+        ("weight_decay", NAN, "--weight-decay"),
+        ("max_grad_norm", -1.0, "--max-grad-norm"),
+        ("sam_rho", NAN, "--sam-rho"),
+        ("grad_accum", 0, "--grad-accum"),
+        ("warmup_steps", -1, "--warmup-steps"),
+        ("batch_size", 0, "--batch-size"),
+    ],
+)
+def test_loop_config_refuses_bad_numbers(field, value, option):
+    with pytest.raises(ConfigError, match=option):
+        LoopConfig(**{field: value})
+
+
+def test_good_numbers_are_accepted():
+    UnlearnConfig(
+        max_grad_norm=None, epochs=0.5, stop_forget_recall=0.0, stop_forget_nll=4.0, alpha=0.0, lr=1
+    )
+    TrainConfig(max_grad_norm=None, epochs=2, warmup_steps=0, weight_decay=0.0)
+    LoopConfig(max_grad_norm=None, sam_rho=0.05)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a model checks its weight files.
+
+
+def _copy(trained_small, tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(trained_small.path, folder)
+    return folder
+
+
+def _edit_tensors(folder: Path, edit) -> None:
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _drop_q_proj(folder: Path) -> None:
+    _edit_tensors(folder, lambda t: t.pop(Q_PROJ))
+
+
+def _add_tensor(folder: Path) -> None:
+    _edit_tensors(folder, lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(4)}))
+
+
+def _reshape(folder: Path) -> None:
+    _edit_tensors(folder, lambda t: t.update({Q_PROJ: t[Q_PROJ][:, : t[Q_PROJ].shape[1] // 2].clone()}))
+
+
+def _poison(value: float):
+    def damage(folder: Path) -> None:
+        def edit(tensors):
+            tensors[Q_PROJ][3, 5] = value
+
+        _edit_tensors(folder, edit)
+
+    return damage
+
+
+def _truncate(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+
+
+DAMAGES = {
+    "missing tensor": (_drop_q_proj, f"lacks tensor {Q_PROJ}"),
+    "unexpected tensor": (_add_tensor, "has tensor model.layers.0.extra.weight"),
+    "wrong shape": (_reshape, f"tensor {Q_PROJ} has shape"),
+    "nan": (_poison(NAN), f"tensor {Q_PROJ} holds NaN"),
+    "inf": (_poison(-INF), f"tensor {Q_PROJ} holds infinite"),
+    "truncated": (_truncate, "is not a readable safetensors file"),
+    "garbage": (_garbage, "is not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_load_model_refuses_damaged_weights(trained_small, tmp_path, damage):
+    folder = _copy(trained_small, tmp_path)
+    make, message = DAMAGES[damage]
+    make(folder)
+    with pytest.raises(ConfigError) as error:
+        load_model(folder)
+    text = str(error.value)
+    assert message in text
+    assert str(folder / "model.safetensors") in text, "the error names the file"
+    assert "\n" not in text
+    assert isinstance(error.value, WeightsError) and isinstance(error.value, ModelError)
+
+
+def test_load_model_checks_weights_in_the_precision_asked(trained_small, tmp_path):
+    """A float32 weight beyond float16's range is infinite once loaded as float16."""
+    folder = _copy(trained_small, tmp_path)
+    _poison(1e6)(folder)
+    load_model(folder)  # finite in float32
+    with pytest.raises(WeightsError, match="holds infinite values once loaded as float16"):
+        load_model(folder, dtype="float16")
+
+
+def test_tied_lm_head_is_not_missing(trained_small, tmp_path):
+    """With tie_word_embeddings the checkpoint has no lm_head; that is no missing tensor, whichever way a
+    transformers version reports it."""
+    model, tokenizer = load_model(trained_small.path)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    save_model(model, tokenizer, tmp_path / "tied")
+    assert "lm_head.weight" not in load_file(str(tmp_path / "tied" / "model.safetensors"))
+    tied, _ = load_model(tmp_path / "tied")
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    # Older transformers list a tied lm_head among the missing keys: accepted when it is tied ...
+    _check_loading(tied, {"missing_keys": ["lm_head.weight"]}, "tied", {})
+    # ... and refused when it is not.
+    untied, _ = load_model(trained_small.path)
+    with pytest.raises(WeightsError, match=r"lacks tensor lm_head\.weight"):
+        _check_loading(untied, {"missing_keys": ["lm_head.weight"]}, "untied", {})
+
+
+@pytest.mark.parametrize("damage", ["missing tensor", "truncated", "nan"])
+def test_cli_refuses_damaged_models(trained_small, small_benchmark_dir, tmp_path, capsys, damage):
+    folder = _copy(trained_small, tmp_path)
+    make, message = DAMAGES[damage]
+    make(folder)
+    data = str(small_benchmark_dir)
+    record = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(folder), "--data", data, "--out", str(record), "--quiet"]) == 2
+    assert message in _error_line(capsys)
+    assert not record.exists()
+    out = tmp_path / "unlearned"
+    argv = ["unlearn", "--model", str(folder), "--data", data, "--out", str(out), "--steps", "2", "--quiet"]
+    assert main(argv) == 2
+    assert message in _error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "nothing is written"
+
+
+# --------------------------------------------------------------------------------------------------
+# A run that diverges stops with an error and saves nothing.
+
+
+def _nan_from_third_call(monkeypatch) -> dict[str, int]:
+    real = losses_module.ga_loss
+    calls = {"n": 0}
+
+    def ga_loss(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * NAN if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(losses_module, "ga_loss", ga_loss)
+    return calls
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
+    trained_small, small_benchmark_dir, tmp_path, monkeypatch
+):
+    calls = _nan_from_third_call(monkeypatch)
+    out = tmp_path / "ga"
+    config = UnlearnConfig(
+        method="ga", lr=3e-5, batch_size=4, max_steps=6, checkpoint_every=2, eval_every=100
+    )
+    with pytest.raises(DivergenceError, match="the loss is nan at step 3 of 6") as error:
+        unlearn_model(trained_small.path, small_benchmark_dir, out, config, progress=False)
+    assert isinstance(error.value, ConfigError)
+    assert calls["n"] == 3, "the run stopped at the step whose loss was NaN"
+    assert "nothing was saved" in str(error.value) and "\n" not in str(error.value)
+    assert not out.exists(), "no model is saved"
+    state = work_dir_for(out) / "checkpoint" / "state.json"
+    assert json.loads(state.read_text())["step"] == 2, "the last good checkpoint stays"
+    assert "checkpoint of step 2" in str(error.value)
+
+
+def test_cli_non_finite_loss_is_one_error_line(
+    trained_small, small_benchmark_dir, tmp_path, monkeypatch, capsys
+):
+    _nan_from_third_call(monkeypatch)
+    out = tmp_path / "ga"
+    argv = ["unlearn", "--model", str(trained_small.path), "--data", str(small_benchmark_dir)]
+    argv += ["--out", str(out), "--method", "ga", "--steps", "5", "--batch-size", "4", "--quiet"]
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    assert "unlearn ga diverged: the loss is nan at step 3 of 5" in line
+    assert not out.exists()
+
+
+def test_non_finite_gradient_stops_before_the_weights_change():
+    """A finite loss whose gradient is infinite (sqrt at 0) must not reach the optimiser: one such step
+    would leave NaN weights, and after the last step nothing else would notice."""
+    model = torch.nn.Linear(3, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss_fn(model, batch):
+        shift = model.weight - model.weight.detach()  # 0, with gradient 1
+        return torch.sqrt(shift.sum()) + model(batch).sum() * 0, {}
+
+    config = LoopConfig(lr=0.1, max_steps=3, max_grad_norm=None)
+    with pytest.raises(DivergenceError, match="gradient is not finite at step 1 of 3"):
+        run_loop(model, config, lambda step, micro: torch.ones(2, 3), loss_fn, run_key="x", progress=False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
