@@ -9,7 +9,7 @@ import torch
 
 from relapse.attacks.base import AttackContext, applied
 from relapse.attacks.registry import get_attack
-from relapse.data import load_benchmark
+from relapse.data import load_benchmark, synth_benchmark
 from relapse.data.batching import collate, tokenize_for_lm
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
@@ -17,6 +17,7 @@ from relapse.methods.robust import DEFAULT_GRIDS, RobustObjective, check_grids, 
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.metrics.qa import qa_recall
 from relapse.models import load_model
+from relapse.models.tiny import TinyConfig, build_tiny
 
 
 def _batch(tokenizer, benchmark, split="forget"):
@@ -39,7 +40,7 @@ def test_rounded_view_computes_on_rounded_weights_and_passes_gradients_straight_
 ):
     model, tokenizer = load_model(trained_small.path)
     batch = _batch(tokenizer, load_benchmark(small_benchmark_dir))
-    robust = RobustObjective(model, ["rtn-w4-g64"])
+    robust = RobustObjective(model, ["rtn-w4-g64"], trained_small.path)
     # The reference: a copy whose weights really are rounded, differentiated as usual.
     rounded = copy.deepcopy(model)
     with torch.no_grad():
@@ -60,7 +61,7 @@ def test_rounded_view_computes_on_rounded_weights_and_passes_gradients_straight_
 
 def test_grids_take_turns_by_step(trained_small):
     model, _ = load_model(trained_small.path)
-    robust = RobustObjective(model, ["rtn-w4-ch", "rtn-w4-g64", "rtn-w8-ch"])
+    robust = RobustObjective(model, ["rtn-w4-ch", "rtn-w4-g64", "rtn-w8-ch"], trained_small.path)
     assert [robust.grid_at(s) for s in range(5)] == [
         "rtn-w4-ch",
         "rtn-w4-g64",
@@ -146,3 +147,14 @@ def test_the_stop_rule_waits_for_the_rounded_model_to_forget(trained_small, smal
     pairs = load_benchmark(small_benchmark_dir).forget_qa
     with applied(get_attack("rtn-w4-g64"), model, AttackContext()):
         assert qa_recall(model, tokenizer, pairs)["value"] == last["recall_forget_rounded"]
+
+
+def test_a_grid_the_model_cannot_take_is_refused_when_named_and_left_out_of_default(tmp_path):
+    # Rows of 96 weights: groups of 64 and 128 do not divide them (SmolLM2's 576 and groups of 128 alike).
+    benchmark = synth_benchmark(people=4, facts_per_person=2, seed=0)
+    model, _ = build_tiny(TinyConfig(hidden_size=96, num_heads=4, intermediate_size=192), benchmark)
+    with pytest.raises(ConfigError, match="rtn-w4-g64 cannot round this model"):
+        RobustObjective(model, ["rtn-w4-ch", "rtn-w4-g64"], tmp_path)
+    robust = RobustObjective(model, ["default"], tmp_path)
+    assert {"rtn-w4-g64", "rtn-w4-g128"} <= set(robust.describe()["left_out"])
+    assert "rtn-w4-ch" in robust.grids and not {"rtn-w4-g64", "rtn-w4-g128"} & set(robust.grids)

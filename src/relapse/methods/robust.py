@@ -87,16 +87,30 @@ class RoundedView(torch.nn.Module):
 class RobustObjective:
     """Builds, for a step, the view of the model through that step's grid."""
 
-    def __init__(self, model: torch.nn.Module, grids: list[str]) -> None:
+    def __init__(self, model: torch.nn.Module, names: list[str], model_path: str | Path) -> None:
         from relapse.attacks.base import AttackContext
         from relapse.attacks.registry import get_attack
 
-        if not grids:
-            raise ConfigError("--robust-to named no grid")
-        self.grids = grids
-        self.attacks = [get_attack(name) for name in grids]
-        # The weights the attacks round (the decoder's linear layers), by name.
-        self.names = list(self.attacks[0].touched(model, AttackContext()))
+        explicit = {name for name in names if name != "default"}
+        self.grids: list[str] = []
+        self.attacks = []
+        self.left_out: dict[str, str] = {}
+        targets: dict[str, torch.nn.Parameter] | None = None
+        for name in resolve_grids(names, model_path):
+            attack = get_attack(name)
+            # The weights the attacks round (the decoder's linear layers), by name.
+            targets = targets if targets is not None else attack.touched(model, AttackContext())
+            problem = _misfit(attack, targets)
+            if problem is not None and name in explicit:
+                raise ConfigError(f"--robust-to {name} cannot round this model: {problem}")
+            if problem is not None:  # a default grid this model's shapes do not take (RTN g128 on 576)
+                self.left_out[name] = problem
+                continue
+            self.grids.append(name)
+            self.attacks.append(attack)
+        if not self.grids:
+            raise ConfigError("--robust-to: no grid can round this model")
+        self.names = list(targets or {})
 
     def grid_at(self, step: int) -> str:
         return self.grids[step % len(self.grids)]
@@ -126,4 +140,21 @@ class RobustObjective:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"grids": self.grids, "rounded_weights": len(self.names), "schedule": "one grid per step"}
+        return {
+            "grids": self.grids,
+            "left_out": self.left_out,
+            "rounded_weights": len(self.names),
+            "schedule": "one grid per step",
+        }
+
+
+def _misfit(attack, targets: dict[str, torch.nn.Parameter]) -> str | None:
+    """Why ``attack`` cannot round these weights (a group or block size that does not divide a row), or
+    None. Tried on each weight's first row, which has the row length that matters."""
+    for name, weight in targets.items():
+        try:
+            with torch.no_grad():
+                attack.round_weight(weight.detach()[:1], name)
+        except ConfigError as exc:
+            return str(exc)
+    return None

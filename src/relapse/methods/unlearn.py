@@ -40,7 +40,7 @@ from relapse.methods.loop import (
 )
 from relapse.methods.parallel import world_size
 from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
-from relapse.methods.robust import RobustObjective, check_grids, resolve_grids
+from relapse.methods.robust import RobustObjective, check_grids
 from relapse.methods.select import DEFAULT_UTILITY_FLOOR, select_run, utility_check
 from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
 from relapse.metrics.qa import qa_recall
@@ -339,7 +339,7 @@ def unlearn_model(
     if retain_term is not None:
         retain_term.prepare(net, retain, reference)
     _restrict_trainable(net, forget_term, retain_term)
-    robust = RobustObjective(net, resolve_grids(config.robust_to, model)) if config.robust_to else None
+    robust = RobustObjective(net, config.robust_to, model) if config.robust_to else None
 
     forget_sampler = EpochSampler(len(forget), config.batch_size, config.seed)
     retain_sampler = EpochSampler(max(1, len(retain)), config.batch_size, config.seed + 1)
