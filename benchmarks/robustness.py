@@ -31,7 +31,7 @@ from relapse.audit.recovery import NO_ATTACK, cell_value
 from relapse.data import synth_benchmark
 from relapse.experiment import parse_experiment, run_experiment
 from relapse.models.train import TrainConfig, train_model
-from relapse.runtime import atomic_write_json, atomic_write_text
+from relapse.runtime import atomic_write_json, atomic_write_text, package_versions
 
 BASE_GRID = "rtn-w4-g64"
 QUANTIZERS = ["rtn-w4-ch", BASE_GRID, "gptq-w4-g64", "bnb-fp4", "bnb-nf4"]
@@ -172,6 +172,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "noise",
         *RELEARN,
         "s/step",
+        "abs(dW)/step",
+        "codes changed",
         "bar",
     ]
     lines.append("| " + " | ".join(header) + " |")
@@ -215,7 +217,12 @@ def main() -> None:
     if args.table_only:
         record = json.loads((args.out / "run" / "experiment.json").read_text())
         results = json.loads((args.out / "run" / "audit" / "results.json").read_text())
-        summary = {**table(results, record["models"]), "experiment": record["experiment"]}
+        summary = {
+            **table(results, record["models"]),
+            "experiment": record["experiment"],
+            "seed": record["seed"],
+            "versions": record["versions"],
+        }
         atomic_write_json(args.out / "table.json", summary)
         atomic_write_text(args.out / "table.md", markdown(summary))
         print(markdown(summary))
@@ -230,7 +237,7 @@ def main() -> None:
         parse_experiment(spec, "robustness-tiny"), args.out / "run", threads=args.threads, progress=False
     )
     summary = table(result.results, result.models)
-    summary["experiment"] = spec
+    summary.update(experiment=spec, seed=spec["seed"], versions=package_versions())
     atomic_write_json(args.out / "table.json", summary)
     atomic_write_text(args.out / "table.md", markdown(summary))
     print(markdown(summary))
