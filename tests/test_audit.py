@@ -16,6 +16,7 @@ from relapse.audit import sweep
 from relapse.audit.recovery import (
     finish,
     gap_kept,
+    min_gap,
     recovery_ratio,
     recovery_table,
     share_of_gap,
@@ -152,7 +153,7 @@ def test_verdict_relapses_names_the_attack_and_the_share():
     found = verdict(results, "uncovers")
     assert found["status"] == "relapses"
     assert found["text"] == (
-        "relapses under rtn-w4-g128: 40% of the knowmem_forget gap recovered (retrained control: 0%)"
+        "rtn-w4-g128 brings back 40% of the knowmem_forget gap (retrained control 0%; gap kept 60%)"
     )
     assert [r["attack"] for r in found["relapses"]] == ["rtn-w4-g128"]
     assert found["relapses"][0]["recovered"] == pytest.approx(0.4)
@@ -162,7 +163,7 @@ def test_verdict_relapses_names_the_attack_and_the_share():
 def test_verdict_nets_out_the_retrained_control():
     found = verdict(hand_results(), "teaches")  # 40% recovered - 30% control = 10% < 25%
     assert found["status"] == "holds"
-    assert found["text"] == "forgetting holds under all 3 attacks"
+    assert found["text"] == "forgetting holds on knowmem_forget under all 3 attacks"
     assert found["relapses"] == []
 
 
@@ -172,8 +173,8 @@ def test_verdict_several_relapses_sorted_by_net_share():
     assert [r["attack"] for r in found["relapses"]] == ["rtn-w4-g128", "relearn-retain-25"]
     assert [r["net_of_control"] for r in found["relapses"]] == pytest.approx([0.5, 0.35])
     assert found["text"] == (
-        "relapses under rtn-w4-g128, relearn-retain-25: 50% of the knowmem_forget gap recovered under "
-        "rtn-w4-g128 (retrained control: 0%)"
+        "rtn-w4-g128 brings back 50% of the knowmem_forget gap (retrained control 0%; gap kept 50%), "
+        "relearn-retain-25 brings back 65% (retrained control 30%)"
     )
 
 
@@ -186,7 +187,7 @@ def test_verdict_not_forgotten_when_there_is_no_gap():
 def test_verdict_counts_only_measured_attacks():
     found = verdict(hand_results(), "partial")
     assert found["status"] == "holds"
-    assert found["text"] == "forgetting holds under all 1 attacks"
+    assert found["text"] == "forgetting holds on knowmem_forget under the one attack measured"
 
 
 def test_verdict_unknown_without_a_verdict_metric():
@@ -483,9 +484,11 @@ def test_audit_warns_when_an_attack_rounds_onto_the_base_models_grid(
 
 
 def verdict_line(printed: str, label: str) -> str:
-    """The verdict text of ``label`` in the verdict table printed by the CLI."""
+    """The verdict of ``label`` in the table printed by the CLI: its status and text, space-separated."""
     found = [
-        line.removeprefix(label).strip() for line in printed.splitlines() if line.startswith(label + " ")
+        " ".join(line.removeprefix(label).split())
+        for line in printed.splitlines()
+        if line.startswith(label + " ")
     ]
     assert len(found) == 1, printed
     return found[0]
@@ -513,14 +516,15 @@ def test_cli_audit_then_report(trained_small, unlearned_small, small_benchmark_d
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert set(results["cells"]) == {f"{m}|{a}" for m in ("target", "ga") for a in ("none", "rtn-w8-ch")}
-    text = results["verdicts"]["ga"]["text"]
-    assert verdict_line(printed, "ga") == text
+    found = results["verdicts"]["ga"]
+    text, line = found["text"], f"{found['status']} {found['text']}"
+    assert verdict_line(printed, "ga") == line
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
     assert text in (out / "report.md").read_text()
 
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
-    assert verdict_line(capsys.readouterr().out, "ga") == text
+    assert verdict_line(capsys.readouterr().out, "ga") == line
     assert text in (out / "report.md").read_text()
     assert json.loads((out / "results.json").read_text()) == results  # the report never writes it back
 
@@ -552,7 +556,8 @@ def test_utility_gate_marks_a_model_below_the_floor_over_unlearned():
     # target 80: the floor is 0.9 * 80 = 72; 71.9 is below it, 72 is not.
     results = _with_retain(hand_results(), {"target": 80, "uncovers": 71.9, "teaches": 72})
     low = verdict(results, "uncovers")
-    assert low["status"] == "relapses"  # the relapse verdict stands; the gate is said beside it
+    assert low["status"] == "over-unlearned"  # labelled so first, whatever its relapse verdict
+    assert low["relapse_status"] == "relapses"
     assert low["utility"] == {
         "metric": "knowmem_retain",
         "value": 71.9,
@@ -560,13 +565,56 @@ def test_utility_gate_marks_a_model_below_the_floor_over_unlearned():
         "floor": 0.9,
         "over_unlearned": True,
     }
-    assert low["text"].endswith("; over-unlearned: knowmem_retain 71.9 is below 90% of the target's 80")
+    assert low["text"].startswith(
+        "knowmem_retain 71.9 is below 90% of the target's 80; as to relapse, it relapses: "
+    )
+    assert low["text"].endswith(
+        "brings back 40% of the knowmem_forget gap (retrained control 0%; gap kept 60%)"
+    )
     kept = verdict(results, "teaches")
-    assert kept["utility"]["over_unlearned"] is False
-    assert kept["text"] == "forgetting holds under all 3 attacks"
+    assert kept["utility"]["over_unlearned"] is False and kept["status"] == "holds"
+    assert kept["text"] == "forgetting holds on knowmem_forget under all 3 attacks"
 
 
 def test_utility_gate_is_unknown_without_a_retain_metric():
     found = verdict(hand_results(), "uncovers")
     assert found["utility"]["over_unlearned"] is None
     assert "over-unlearned" not in found["text"]
+
+
+def test_the_verdict_follows_the_declared_primary_metric_only():
+    # Two forget metrics; recall_forget is flat everywhere (no relapse on it), knowmem_forget relapses.
+    results = hand_results(metrics=("knowmem_forget", "recall_forget"))
+    for cell in results["cells"].values():
+        cell["metrics"]["recall_forget"]["value"] = 0.2 if cell["model"] != "target" else 1.0
+    assert verdict(results, "uncovers")["status"] == "relapses"  # default: the first, knowmem_forget
+    results["config"]["primary"] = "recall_forget"
+    found = verdict(results, "uncovers")
+    assert found["status"] == "holds" and found["metric"] == "recall_forget"
+    assert found["text"] == "forgetting holds on recall_forget under all 3 attacks"
+
+
+def test_a_quantizer_that_erases_the_target_gives_no_test():
+    # Under rtn the target falls to 41, within knowmem's minimum gap of the retrained model's 40: the
+    # unlearned model's 52 there says nothing about relapse.
+    results = hand_results()
+    results["cells"]["target|rtn-w4-g128"]["metrics"]["knowmem_forget"]["value"] = 41
+    found = verdict(results, "uncovers")
+    assert found["no_test"] == ["rtn-w4-g128"]
+    assert found["status"] == "holds"
+    assert found["text"] == (
+        "forgetting holds on knowmem_forget under 2 of 3 attacks; no test under rtn-w4-g128 (the quantized "
+        "target fell to the retrained level)"
+    )
+    # Relearning is not a quantizer: the guard does not apply to it.
+    results["cells"]["target|relearn-retain-25"]["metrics"]["knowmem_forget"]["value"] = 40
+    assert "relearn-retain-25" not in verdict(results, "uncovers")["no_test"]
+
+
+def test_each_metric_has_its_own_minimum_gap():
+    assert min_gap(-100.0, "privleak") == 5.0  # a PrivLeak gap of 2.3 points is no gap
+    assert recovery_ratio(-100.0, -97.7, -100.0, metric="privleak") is None
+    assert recovery_ratio(-100.0, -90.0, -100.0, metric="privleak") == pytest.approx(1.0)
+    assert min_gap(0.96, "recall_forget") == 0.02 and min_gap(0.5, "mia_loss") == 0.02
+    assert min_gap(96.5, "knowmem_forget") == pytest.approx(1.0) and min_gap(0.7, "nll_forget") == 0.05
+    assert min_gap(100.0) == 1.0  # without a metric, the general rule

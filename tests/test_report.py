@@ -40,7 +40,7 @@ VALUES = {
     },
     "ga": {
         "knowmem_forget": [20, 20, 70, 40, 22],
-        "knowmem_retain": [50, 50, 52, 55, 49],
+        "knowmem_retain": [55, 55, 52, 55, 49],  # 55 >= 0.9 x the target's 60: not over-unlearned
         "recall_forget": [0.2, 0.2, 0.5, 0.2, 0.2],
         "privleak": [-10, -10, 5, -10, -10],
     },
@@ -175,7 +175,7 @@ def test_report_writes_markdown_html_and_embeds_every_plot(tmp_path):
 
     verdicts = {text.split(":")[0].strip(): text for text in page.verdicts}
     assert set(verdicts) == {"ga", "npo"}
-    assert "relapses" in verdicts["ga"] and "rtn-w4-g128" in verdicts["ga"]
+    assert "No, it will relapse" in verdicts["ga"] and "rtn-w4-g128" in verdicts["ga"]
     assert "holds" in verdicts["npo"]
     text = "".join(page.text)
     markdown = written["report.md"].read_text(encoding="utf-8")
@@ -188,7 +188,7 @@ def test_report_writes_markdown_html_and_embeds_every_plot(tmp_path):
         assert "abc123" in document and "torch" in document
     for model in ("ga", "npo"):
         assert any(line.startswith(f"- **{model}**: ") for line in markdown.splitlines())
-    assert "- **ga**: No, it will relapse: relapses under rtn-w4-g128" in markdown
+    assert "- **ga**: No, it will relapse: rtn-w4-g128 brings back 62% of the knowmem_forget gap" in markdown
     assert "### knowmem_forget (goal: lower)" in markdown
     assert "### knowmem_retain (goal: higher)" in markdown
     assert "### privleak (goal: near 0)" in markdown

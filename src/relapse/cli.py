@@ -699,6 +699,12 @@ def _add_audit(subparsers) -> None:
     p.add_argument(
         "--metrics", default=DEFAULT_AUDIT_METRICS, help=f"names or groups (default {DEFAULT_AUDIT_METRICS})"
     )
+    p.add_argument(
+        "--primary",
+        default=None,
+        help="the metric verdicts follow, declared before the sweep (knowmem_forget, verbmem_forget, "
+        "recall_forget or nll_forget; default: the first of the first three that is measured)",
+    )
     p.add_argument("--calibration", type=Path, default=None, help="calibration text for GPTQ/AWQ attacks")
     p.add_argument(
         "--batch-size", type=int, default=None, help="evaluation batch size (default: from memory)"
@@ -729,6 +735,7 @@ def _cmd_audit(args) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         calibration=str(args.calibration) if args.calibration else None,
+        primary=args.primary,
         device=args.device or "auto",
     )
     results = run_audit(

@@ -46,9 +46,9 @@ def models_table(result: ExperimentResult) -> str:
 
 
 def verdict_table(results: dict) -> str:
-    """One line per unlearned model: the audit's answer."""
-    rows = [(label, v["text"]) for label, v in results.get("verdicts", {}).items()]
-    width = max([len("model"), *(len(label) for label, _ in rows)])
-    lines = [f"{'model':<{width}}  verdict", "-" * (width + 50)]
-    lines += [f"{label:<{width}}  {text}" for label, text in rows]
+    """One line per unlearned model: the audit's answer and why."""
+    rows = [(label, v["status"], v["text"]) for label, v in results.get("verdicts", {}).items()]
+    width = max([len("model"), *(len(label) for label, _, _ in rows)])
+    lines = [f"{'model':<{width}}  {'verdict':<14}  why", "-" * (width + 66)]
+    lines += [f"{label:<{width}}  {status:<14}  {text}" for label, status, text in rows]
     return "\n".join(lines)

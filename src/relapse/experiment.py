@@ -27,6 +27,7 @@ Schema (unknown keys are errors, so a typo cannot silently fall back to a defaul
     audit:
       attacks: [rtn-w8-ch, rtn-w4-g128, gptq-w4-g128, relearn-retain-25]
       metrics: [verbmem, knowmem, privleak, utility]
+      primary: knowmem_forget                     # optional: the metric verdicts follow
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Experiment:
     attacks: list[str]
     metrics: list[str]
     source: str = ""
+    primary: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
 
@@ -126,13 +128,16 @@ def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
         _build(UnlearnConfig, {**defaults, **(settings or {})}, f"{source}: unlearn.runs.{name}")
     _build(TrainConfig, _train_settings(train), f"{source}: train")
     audit = _mapping(raw.get("audit", {}), f"{source}: audit")
-    _no_unknown(audit, {"attacks", "metrics"}, f"{source}: audit")
+    _no_unknown(audit, {"attacks", "metrics", "primary"}, f"{source}: audit")
     attacks = [str(a) for a in audit.get("attacks", [])]
     for attack in attacks:
         get_attack(attack)
     metrics = resolve_metrics(
         [str(m) for m in audit.get("metrics", ["verbmem", "knowmem", "privleak", "utility"])]
     )
+    primary = audit.get("primary")
+    if primary is not None and (not isinstance(primary, str) or primary not in metrics):
+        raise ConfigError(f"{source}: audit.primary must be one of the audit's metrics, got {primary!r}")
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{source}: seed must be an integer, got {seed!r}")
@@ -154,6 +159,7 @@ def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
         attacks=attacks,
         metrics=metrics,
         source=source,
+        primary=primary,
         raw=raw,
         device=device,
     )
@@ -276,6 +282,7 @@ def run_experiment(
         metrics=metrics,
         labels={row["path"]: label for label, row in models.items()},
         seed=experiment.seed,
+        primary=experiment.primary,
         device=target,
     )
     results = run_audit(

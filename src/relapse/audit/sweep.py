@@ -41,7 +41,7 @@ import torch
 
 from relapse.attacks.base import AttackContext, applied
 from relapse.attacks.registry import get_attack
-from relapse.audit.recovery import NO_ATTACK, cell_key, finish
+from relapse.audit.recovery import NO_ATTACK, VERDICT_METRICS, cell_key, finish
 from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.errors import ConfigError
 from relapse.metrics.engine import EvalSettings, Evaluator, resolve_metrics
@@ -68,6 +68,8 @@ DEFAULT_ATTACKS = (
     "noise-like-rtn-w4-g128",
 )
 DEFAULT_AUDIT_METRICS = "verbmem,knowmem,privleak,utility,recall,mia_loss,mia_mink_40"
+#: Metrics a verdict can follow: one-sided measures of what the forget set still holds.
+PRIMARY_METRICS = (*VERDICT_METRICS, "nll_forget")
 
 
 @dataclass
@@ -84,15 +86,25 @@ class AuditConfig:
     seed: int = 0
     batch_size: int | None = None
     calibration: str | None = None
+    primary: str | None = None  # the metric verdicts follow; None: the first measured of VERDICT_METRICS
     device: str = "auto"  # where it runs: not in to_json() nor the hash (see the module docstring)
 
     def __post_init__(self) -> None:
         self.device = check_device_name(self.device)
+        if self.primary is not None and self.primary not in PRIMARY_METRICS:
+            raise ConfigError(f"--primary must be one of {', '.join(PRIMARY_METRICS)}, got {self.primary!r}")
+        if self.primary is not None and self.primary not in self.metrics:
+            raise ConfigError(
+                f"--primary {self.primary} is not among the audit's metrics; add it to --metrics"
+            )
 
     def to_json(self) -> dict[str, Any]:
-        """The settings that determine the results (hashed, and saved as ``config``): all but the device."""
+        """The settings that determine the results (hashed, and saved as ``config``): all but the device,
+        and ``primary`` only when declared (audits from before it existed keep their hash)."""
         settings = asdict(self)
         settings.pop("device")
+        if settings["primary"] is None:
+            settings.pop("primary")
         return settings
 
 

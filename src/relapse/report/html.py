@@ -32,6 +32,7 @@ padding:0 1rem;color:#1a1a1a;line-height:1.45}
 h1{font-size:1.5rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd}h3{font-size:1rem}
 .verdict{border-left:6px solid #888;background:#f6f6f6;padding:.6rem 1rem;margin:.6rem 0;font-size:1.05rem}
 .verdict.relapses,.verdict.not-forgotten{border-color:#c0392b;background:#fdecea}
+.verdict.over-unlearned{border-color:#8e44ad;background:#f5eef8}
 .verdict.holds{border-color:#27ae60;background:#eafaf1}
 .status{font-family:monospace;font-size:.85rem;color:#555}
 table{border-collapse:collapse;margin:.5rem 0;font-size:.85rem}
