@@ -565,9 +565,7 @@ def test_utility_gate_marks_a_model_below_the_floor_over_unlearned():
         "floor": 0.9,
         "over_unlearned": True,
     }
-    assert low["text"].startswith(
-        "knowmem_retain 71.9 is below 90% of the target's 80; as to relapse, it relapses: "
-    )
+    assert low["text"].startswith("knowmem_retain 71.9 is below 90% of the target's 80 and it relapses: ")
     assert low["text"].endswith(
         "brings back 40% of the knowmem_forget gap (retrained control 0%; gap kept 60%)"
     )

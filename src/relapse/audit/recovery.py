@@ -239,10 +239,10 @@ def _with_utility(result: dict[str, Any], results: dict[str, Any]) -> dict[str, 
     if gate["over_unlearned"]:
         result["relapse_status"] = result["status"]
         result["status"] = "over-unlearned"
-        relapse = {"relapses": "it relapses", "holds": "it holds"}.get(result["relapse_status"], "")
+        joint = " and it relapses: " if result["relapse_status"] == "relapses" else "; "
         result["text"] = (
             f"{gate['metric']} {_fmt(gate['value'])} is below {gate['floor']:.0%} of the target's "
-            f"{_fmt(gate['target'])}; as to relapse, {relapse}{': ' if relapse else ''}{result['text']}"
+            f"{_fmt(gate['target'])}{joint}{result['text']}"
         )
     return result
 

@@ -102,7 +102,7 @@ def select_run(
             rows += [
                 {
                     "lr": smaller,
-                    "skipped": f"lr {lr:g} did not reach the forget target in {config.max_steps} steps",
+                    "skipped": f"lr {lr:g} did not reach the forget target in {record['steps']} steps",
                 }
                 for smaller in rates[position + 1 :]
             ]

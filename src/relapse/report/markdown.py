@@ -54,7 +54,7 @@ DIAGNOSTIC_COLUMNS = (
 )
 
 _ANSWERS = {
-    "over-unlearned": "Not usable: it forgot by losing its utility",
+    "over-unlearned": "Not usable, it lost its utility",
     "relapses": "No, it will relapse",
     "holds": "Yes, as far as these attacks reach",
     "not-forgotten": "No, it did not forget in the first place",
