@@ -616,3 +616,22 @@ def test_each_metric_has_its_own_minimum_gap():
     assert min_gap(0.96, "recall_forget") == 0.02 and min_gap(0.5, "mia_loss") == 0.02
     assert min_gap(96.5, "knowmem_forget") == pytest.approx(1.0) and min_gap(0.7, "nll_forget") == 0.05
     assert min_gap(100.0) == 1.0  # without a metric, the general rule
+
+
+def test_audit_config_checks_the_primary_metric_and_keeps_old_hashes():
+    plain = AuditConfig(target="t", unlearned=["u"], data="d", metrics=["knowmem_forget", "recall_forget"])
+    assert "primary" not in plain.to_json()  # audits from before --primary keep their results folder
+    declared = AuditConfig(
+        target="t",
+        unlearned=["u"],
+        data="d",
+        metrics=["knowmem_forget", "recall_forget"],
+        primary="recall_forget",
+    )
+    assert declared.to_json()["primary"] == "recall_forget"
+    with pytest.raises(ConfigError, match="not among the audit's metrics"):
+        AuditConfig(
+            target="t", unlearned=["u"], data="d", metrics=["recall_forget"], primary="knowmem_forget"
+        )
+    with pytest.raises(ConfigError, match="--primary must be one of"):
+        AuditConfig(target="t", unlearned=["u"], data="d", metrics=["privleak"], primary="privleak")

@@ -34,6 +34,9 @@ def test_valid_experiment_parses():
     assert experiment.unlearn_runs == {"ga": {"method": "ga"}, "npo": {}}
     assert experiment.attacks == ["rtn-w8-ch", "relearn-retain-25"]
     assert experiment.metrics == ["knowmem_forget", "knowmem_retain", "recall_forget"]  # groups resolved
+    assert experiment.primary is None
+    declared = parse_experiment(with_change(lambda r: r["audit"].update(primary="recall_forget")), "t.yaml")
+    assert declared.primary == "recall_forget"
 
 
 def test_name_defaults_to_the_file_stem():
@@ -59,6 +62,10 @@ def test_name_defaults_to_the_file_stem():
         (lambda r: r.update(seed="zero"), "seed must be an integer"),
         (lambda r: r.update(seed=True), "seed must be an integer"),
         (lambda r: r["unlearn"]["runs"]["ga"].update(sure_top=2.0), "--sure-top"),
+        (lambda r: r["audit"].update(primary="privleak"), "audit.primary"),  # not measured here
+        (lambda r: r["audit"].update(primary=["knowmem_forget"]), "audit.primary"),
+        (lambda r: r["unlearn"]["runs"]["ga"].update(select_lr=[]), "--select-lr"),
+        (lambda r: r["unlearn"]["runs"]["ga"].update(robust_to=["relearn-retain-25"]), "round weights"),
     ],
 )
 def test_invalid_experiment_names_the_problem(change, named):
