@@ -370,3 +370,26 @@ def test_non_finite_gradient_stops_before_the_weights_change():
         run_loop(model, config, lambda step, micro: torch.ones(2, 3), loss_fn, run_key="x", progress=False)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("state", ['{"run_key": "another run", "step": 1}', "{not json", ""])
+def test_overwrite_gets_past_a_stale_or_damaged_checkpoint(
+    trained_small, small_benchmark_dir, tmp_path, state
+):
+    from relapse.methods.loop import work_dir_for
+    from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+
+    out = tmp_path / "u"
+    checkpoint = work_dir_for(out) / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text(state)
+    config = UnlearnConfig(method="ga", max_steps=2, eval_every=100, batch_size=8)
+    with pytest.raises(ConfigError, match=r"different run|damaged") as error:
+        unlearn_model(trained_small.path, small_benchmark_dir, out, config, progress=False)
+    assert "--overwrite" in str(error.value) and "\n" not in str(error.value)
+    assert not out.exists()
+    result = unlearn_model(
+        trained_small.path, small_benchmark_dir, out, config, progress=False, overwrite=True
+    )
+    assert result.record["steps"] == 2 and (out / "model.safetensors").is_file()
+    assert not work_dir_for(out).exists()  # the finished run drops its work folder

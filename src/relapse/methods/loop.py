@@ -373,6 +373,23 @@ def work_dir_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.work")
 
 
+def claim_work_dir(out: Path, run_key: str, overwrite: bool) -> Path:
+    """The work folder of a run that will save to ``out``. With ``overwrite``, a checkpoint there that
+    belongs to another run, or cannot be read, is removed first: without it the run would refuse to
+    start (a checkpoint of the same run is kept and resumed)."""
+    work = work_dir_for(out)
+    if overwrite and work.exists() and _checkpoint_key(work / CHECKPOINT_DIR) != run_key:
+        shutil.rmtree(work, ignore_errors=True)
+    return work
+
+
+def _checkpoint_key(checkpoint: Path) -> str | None:
+    try:
+        return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))["run_key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def save_run(model, tokenizer, out: Path, record: dict[str, Any], record_name: str) -> None:
     """Save a finished run's model and record (main process only), drop its checkpoints, and wait
     for the other processes of a data-parallel group."""
@@ -405,17 +422,26 @@ def _save_checkpoint(path: Path, model, optimizer, run_key, step, history, loss_
 
 
 def _load_checkpoint(path: Path, model, optimizer, run_key) -> dict[str, Any]:
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    if state.get("run_key") != run_key:
+    damaged = f"the checkpoint in {path} is damaged; pass --overwrite to start again (or remove it)"
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ConfigError(damaged) from None
+    if not isinstance(state, dict) or state.get("run_key") != run_key:
         raise ConfigError(
             f"the checkpoint in {path} belongs to a different run (settings or data changed); "
             "remove it, or pass --overwrite to start again"
         )
-    # The file holds CPU tensors; loading copies them into the parameters wherever those are.
-    load_safetensors_model(model, str(path / "model.safetensors"))
-    # Our own file, written by _save_checkpoint; weights_only refuses anything but tensors and plain data.
-    # load_state_dict moves each state tensor to its parameter's device (AdamW's step counts stay on the
-    # CPU, where AdamW keeps them).
-    state_dict = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state_dict)
+    try:
+        # The file holds CPU tensors; loading copies them into the parameters wherever those are.
+        load_safetensors_model(model, str(path / "model.safetensors"))
+        # Our own file, written by _save_checkpoint; weights_only refuses anything but tensors and plain
+        # data. load_state_dict moves each state tensor to its parameter's device (AdamW's step counts
+        # stay on the CPU, where AdamW keeps them).
+        state_dict = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state_dict)
+        for name in ("step", "history", "loss_curve", "elapsed_s"):
+            state[name]
+    except Exception:  # a truncated file, a refused pickle, missing fields: all mean start again
+        raise ConfigError(damaged) from None
     return state

@@ -32,11 +32,11 @@ from relapse.methods.component import Reference, RunContext, chunks, indexed_bat
 from relapse.methods.loop import (
     SCHEDULES,
     LoopConfig,
+    claim_work_dir,
     model_device,
     run_loop,
     save_run,
     to_device,
-    work_dir_for,
 )
 from relapse.methods.parallel import world_size
 from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
@@ -433,7 +433,7 @@ def unlearn_model(
         batch_for_step,
         loss_fn,
         run_key=key,
-        work_dir=work_dir_for(out_path),
+        work_dir=claim_work_dir(out_path, key, overwrite),
         evaluate=check,
         should_stop=should_stop,
         progress=progress,

@@ -22,7 +22,7 @@ from relapse.data.batching import EpochSampler, collate, tokenize_for_lm
 from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
-from relapse.methods.loop import LoopConfig, run_loop, save_run, work_dir_for
+from relapse.methods.loop import LoopConfig, claim_work_dir, run_loop, save_run
 from relapse.methods.parallel import world_size
 from relapse.metrics.qa import qa_recall
 from relapse.models.io import (
@@ -207,7 +207,7 @@ def train_model(
         batch_for_step,
         loss_fn,
         run_key=key,
-        work_dir=work_dir_for(out_path),
+        work_dir=claim_work_dir(out_path, key, overwrite),
         evaluate=evaluate,
         should_stop=should_stop,
         progress=progress,
