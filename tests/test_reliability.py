@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.models import load_model, save_model
 from relapse.models.io import _check_loading
 from relapse.models.train import TrainConfig
+from relapse.runtime import LOCK_NAME
 
 NAN, INF = float("nan"), float("inf")
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
@@ -393,3 +396,69 @@ def test_overwrite_gets_past_a_stale_or_damaged_checkpoint(
     )
     assert result.record["steps"] == 2 and (out / "model.safetensors").is_file()
     assert not work_dir_for(out).exists()  # the finished run drops its work folder
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs: nothing a command did not write is replaced without --overwrite; one audit per folder.
+
+
+def _audit_argv(trained_small, small_benchmark_dir, out) -> list[str]:
+    return [
+        "audit",
+        "--target",
+        str(trained_small.path),
+        "--unlearned",
+        str(trained_small.path),
+        "--data",
+        str(small_benchmark_dir),
+        "--attacks",
+        "rtn-w8-ch",
+        "--metrics",
+        "recall_forget",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+
+
+def test_audit_refuses_a_folder_with_the_users_own_files(
+    trained_small, small_benchmark_dir, tmp_path, capsys
+):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my own notes\n")
+    assert main(_audit_argv(trained_small, small_benchmark_dir, out)) == 2
+    assert "report.md" in _error_line(capsys)
+    assert (out / "report.md").read_text() == "my own notes\n"
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]  # and nothing else written
+
+
+def test_a_second_audit_into_a_busy_folder_is_refused_naming_the_first(
+    trained_small, small_benchmark_dir, tmp_path, capsys
+):
+    out = tmp_path / "busy"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_NAME).write_text(json.dumps({"pid": sleeper.pid, "what": "audit", "started": "then"}))
+        assert main(_audit_argv(trained_small, small_benchmark_dir, out)) == 2
+        line = _error_line(capsys)
+        assert f"pid {sleeper.pid}" in line and "another audit is running" in line
+        assert not (out / "results.json").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The holder is gone: its lock is stale, and the next audit takes the folder over.
+    assert main(_audit_argv(trained_small, small_benchmark_dir, out)) == 0
+    assert (out / "results.json").is_file() and not (out / LOCK_NAME).exists()
+
+
+def test_diff_json_does_not_overwrite_an_existing_file(trained_small, tmp_path, capsys):
+    existing = tmp_path / "diff.json"
+    existing.write_text("keep me")
+    argv = ["diff", "--a", str(trained_small.path), "--b", str(trained_small.path), "--json", str(existing)]
+    assert main(argv) == 2
+    assert "--overwrite" in _error_line(capsys)
+    assert existing.read_text() == "keep me"
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads(existing.read_text())["total"]["codes_changed"] == 0.0

@@ -583,14 +583,18 @@ def _add_diff(subparsers) -> None:
     p.add_argument("--attack", default="rtn-w4-g128", help="RTN quantizer name (default rtn-w4-g128)")
     _add_attack_targets(p)
     p.add_argument("--json", type=Path, default=None, help="also write the full report here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--per-tensor", action="store_true", help="print every tensor, not only the total")
     p.set_defaults(func=_cmd_diff)
 
 
 def _cmd_diff(args) -> int:
     from relapse.attacks.materialize import diff_models
+    from relapse.errors import ConfigError
     from relapse.runtime import atomic_write_json
 
+    if args.json and args.json.exists() and not args.overwrite:  # before any work
+        raise ConfigError(f"--json {args.json} exists; pass --overwrite to replace it")
     report = diff_models(args.a, args.b, args.attack, args.include_embeddings, args.include_lm_head)
     rows = list(report["per_tensor"].items()) if args.per_tensor else []
     rows.append(("total", report["total"]))

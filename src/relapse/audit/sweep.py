@@ -46,8 +46,10 @@ from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.errors import ConfigError
 from relapse.metrics.engine import EvalSettings, Evaluator, resolve_metrics
 from relapse.runtime import (
+    LOCK_NAME,
     atomic_write_json,
     check_device_name,
+    folder_lock,
     hash_files,
     package_versions,
     resolve_device,
@@ -156,6 +158,14 @@ def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> dict[str, 
         shutil.rmtree(out / "items", ignore_errors=True)
     elif out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
+    elif out.is_dir() and not overwrite:
+        # Without results.json nothing here is an audit's, but for the items a killed audit leaves first.
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ("items", LOCK_NAME))
+        if foreign:
+            raise ConfigError(
+                f"--out {out} holds files an audit did not write ({', '.join(foreign[:3])}); "
+                "choose another --out, or pass --overwrite to write the audit there"
+            )
     return {
         "kind": "relapse-audit",
         "config": config.to_json(),
@@ -188,9 +198,6 @@ def run_audit(
 
     Models are loaded onto ``config.device`` (``auto``: a GPU when there is one), one at a time.
     """
-    from relapse.attacks.calibration import read_calibration_file
-    from relapse.models.io import load_model
-
     device = resolve_device(config.device)  # a bad or missing device fails before any work
     out = Path(out)
     attacks = [get_attack(name) for name in config.attacks]  # unknown names fail before any work
@@ -200,6 +207,17 @@ def run_audit(
         raise ConfigError(
             "privleak needs the retrained model: pass --retrained or drop privleak from --metrics"
         )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    with folder_lock(out, "audit"):
+        return _run_audit(config, out, overwrite, attacks, device, threads, progress, log)
+
+
+def _run_audit(config, out: Path, overwrite, attacks, device, threads, progress, log) -> dict[str, Any]:
+    """:func:`run_audit`'s work, inside the folder's lock."""
+    from relapse.attacks.calibration import read_calibration_file
+    from relapse.models.io import load_model
+
     results = _open_results(out, config, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     threads_used = set_threads(threads)
