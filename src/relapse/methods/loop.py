@@ -62,19 +62,7 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         # The method configs check their options first, by the same rules; this catches direct callers.
-        options.positive(self.lr, "--lr")
-        options.non_negative(self.weight_decay, "--weight-decay")
-        options.optional(options.positive, self.max_grad_norm, "--max-grad-norm")
-        options.optional(options.positive, self.sam_rho, "--sam-rho")
-        for value, option, minimum in (
-            (self.max_steps, "--steps", 1),
-            (self.batch_size, "--batch-size", 1),
-            (self.grad_accum, "--grad-accum", 1),
-            (self.warmup_steps, "--warmup-steps", 0),
-            (self.eval_every, "--eval-every", 1),
-            (self.checkpoint_every, "--checkpoint-every", 1),
-        ):
-            options.whole(value, option, minimum)
+        check_loop_options(self)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
 
@@ -87,6 +75,53 @@ class LoopConfig:
         if epochs is not None:
             shared["max_steps"] = max(1, math.ceil(epochs * steps_per_epoch))
         return cls(**shared)
+
+
+#: The loop's options as the CLI spells them, for error messages.
+LOOP_FLAGS = {
+    "lr": "--lr",
+    "weight_decay": "--weight-decay",
+    "max_grad_norm": "--max-grad-norm",
+    "sam_rho": "--sam-rho",
+    "epochs": "--epochs",
+    "max_steps": "--steps",
+    "batch_size": "--batch-size",
+    "grad_accum": "--grad-accum",
+    "warmup_steps": "--warmup-steps",
+    "eval_every": "--eval-every",
+    "checkpoint_every": "--checkpoint-every",
+    "max_length": "max_length",
+}
+#: Whole-number options and their minimum.
+_WHOLE = {
+    "max_steps": 1,
+    "batch_size": 1,
+    "grad_accum": 1,
+    "warmup_steps": 0,
+    "eval_every": 1,
+    "checkpoint_every": 1,
+    "max_length": 2,
+}
+
+
+def check_loop_options(settings: Any, flags: dict[str, str] | None = None) -> None:
+    """Refuse the loop options of ``settings`` (a loop, fine-tuning or unlearning config; fields it lacks
+    are skipped) outside their range, NaN and infinities included, naming each by ``flags`` (default: as
+    the CLI spells it). One rule for every config that trains."""
+    names = {**LOOP_FLAGS, **(flags or {})}
+
+    def present(field_name: str) -> bool:
+        return hasattr(settings, field_name)
+
+    options.positive(settings.lr, names["lr"])
+    if present("weight_decay"):
+        options.non_negative(settings.weight_decay, names["weight_decay"])
+    for field_name in ("max_grad_norm", "sam_rho", "epochs"):
+        if present(field_name):
+            options.optional(options.positive, getattr(settings, field_name), names[field_name])
+    for field_name, minimum in _WHOLE.items():
+        if present(field_name):
+            options.whole(getattr(settings, field_name), names[field_name], minimum)
 
 
 def lr_at(step: int, config: LoopConfig) -> float:

@@ -32,6 +32,7 @@ from relapse.methods.component import Reference, RunContext, chunks, indexed_bat
 from relapse.methods.loop import (
     SCHEDULES,
     LoopConfig,
+    check_loop_options,
     claim_work_dir,
     model_device,
     run_loop,
@@ -175,36 +176,19 @@ class UnlearnConfig:
         """Refuse every numeric option outside its range, NaN and infinities included, before any work:
         a NaN ``--alpha`` or a negative ``--max-grad-norm`` would otherwise run to the end and save a
         meaningless model (options with no CLI flag are named by their field)."""
+        check_loop_options(self)
         for value, option in (
-            (self.lr, "--lr"),
             (self.beta, "--beta"),
             (self.simnpo_beta, "--simnpo-beta"),
             (self.rmu_coeff, "--rmu-coeff"),
             (self.reference_budget_gb, "reference_budget_gb"),
         ):
             options.positive(value, option)
-        for value, option in (
-            (self.alpha, "--alpha"),
-            (self.simnpo_gamma, "--simnpo-gamma"),
-            (self.weight_decay, "--weight-decay"),
-        ):
-            options.non_negative(value, option)
-        options.optional(options.positive, self.max_grad_norm, "--max-grad-norm")
-        options.optional(options.positive, self.epochs, "--epochs")
-        options.optional(options.positive, self.sam_rho, "--sam-rho")
+        options.non_negative(self.alpha, "--alpha")
+        options.non_negative(self.simnpo_gamma, "--simnpo-gamma")
         options.optional(options.in_range, self.stop_forget_recall, "--stop-forget-recall", 0.0, 1.0)
         # A forget NLL is positive, so a target at or below zero would stop a run at its first check.
         options.optional(options.positive, self.stop_forget_nll, "--stop-forget-nll")
-        for value, option, minimum in (
-            (self.max_steps, "--steps", 1),
-            (self.batch_size, "--batch-size", 1),
-            (self.grad_accum, "--grad-accum", 1),
-            (self.warmup_steps, "--warmup-steps", 0),
-            (self.eval_every, "--eval-every", 1),
-            (self.checkpoint_every, "--checkpoint-every", 1),
-            (self.max_length, "max_length", 2),
-        ):
-            options.whole(value, option, minimum)
 
     @property
     def spec(self) -> MethodSpec:

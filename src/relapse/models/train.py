@@ -17,12 +17,11 @@ from typing import Any
 
 import torch
 
-from relapse import options
 from relapse.data.batching import EpochSampler, collate, tokenize_for_lm
 from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
-from relapse.methods.loop import LoopConfig, claim_work_dir, run_loop, save_run
+from relapse.methods.loop import LoopConfig, check_loop_options, claim_work_dir, run_loop, save_run
 from relapse.methods.parallel import world_size
 from relapse.metrics.qa import qa_recall
 from relapse.models.io import (
@@ -86,19 +85,7 @@ class TrainConfig:
         """Refuse every numeric option outside its range, NaN and infinities included, before any work:
         a NaN ``--lr`` would otherwise train to the end and save a NaN model (options that ``relapse
         train`` has no flag for, set in experiment files, are named by their field)."""
-        options.positive(self.lr, "--lr")
-        options.optional(options.positive, self.epochs, "--epochs")
-        options.non_negative(self.weight_decay, "weight_decay")
-        options.optional(options.positive, self.max_grad_norm, "max_grad_norm")
-        for value, option, minimum in (
-            (self.max_steps, "--steps", 1),
-            (self.batch_size, "--batch-size", 1),
-            (self.warmup_steps, "--warmup-steps", 0),
-            (self.eval_every, "--eval-every", 1),
-            (self.checkpoint_every, "--checkpoint-every", 1),
-            (self.max_length, "max_length", 2),
-        ):
-            options.whole(value, option, minimum)
+        check_loop_options(self, {"weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm"})
 
     def key_fields(self, from_scratch: bool) -> dict[str, Any]:
         """The settings that determine the trained weights (checkpoint cadence does not)."""
