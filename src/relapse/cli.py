@@ -486,8 +486,8 @@ def _cmd_unlearn(args) -> int:
     )
     selection = record.get("selection")
     if selection:
-        tried = ", ".join(_candidate_text(row) for row in selection["candidates"])
-        print(f"selected lr {selection['chosen_lr']:g} of {tried}")
+        tried = "; ".join(_candidate_text(row) for row in selection["candidates"])
+        print(f"selected lr {selection['chosen_lr']:g} of: {tried}")
     if (record.get("utility") or {}).get("over_unlearned"):
         utility = record["utility"]
         print(
