@@ -1,6 +1,6 @@
 """Recovery ratios and verdicts: pure functions of an audit's results.
 
-The recovered share of the forgetting gap, per metric (DESIGN.md)::
+The recovered share of the forgetting gap, per metric (docs/audit.md)::
 
     recovery = (M(attack(U)) - M(U)) / (M(T) - M(U))
 

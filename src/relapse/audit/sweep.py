@@ -60,7 +60,7 @@ from relapse.runtime import (
 
 RESULTS_NAME = "results.json"
 
-#: The attacks of an audit when none are named (the issue's list; bnb-nf4 needs bitsandbytes).
+#: The attacks of an audit when none are named (bnb-nf4 needs bitsandbytes).
 DEFAULT_ATTACKS = (
     "rtn-w8-ch",
     "rtn-w4-g128",

@@ -1,4 +1,5 @@
-"""Methods: the shared training loop (and, in later issues, the unlearning losses and SURE)."""
+"""Methods: the shared training loop, the unlearning terms (one module each, named in ``registry``),
+SURE's mask, SAM, the quantization-robust objective and utility-preserving selection."""
 
 from relapse.methods.loop import LoopConfig, LoopResult, lr_at, run_loop
 

@@ -4,7 +4,7 @@ Conventions: ``labels`` are the input ids with ``-100`` wherever a token does no
 the prompt when only answer tokens count); position ``t`` of the logits predicts label ``t + 1``, as in
 Hugging Face causal LMs. Every loss here is *minimised* by the training loop.
 
-Definitions (see DESIGN.md, "Methods"):
+Definitions (docs/cli.md lists them per method):
 
 - GA: ``-CE(forget)``, the mean token cross-entropy with its sign flipped.
 - NPO (Zhang et al. 2024, arXiv 2404.05868): ``-(2/beta) * mean_i logsigmoid(-beta * (log p_theta(y_i) -

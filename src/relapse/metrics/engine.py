@@ -341,7 +341,7 @@ def _answer_nll(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool) 
     """Mean NLL per answer token of each QA pair under teacher forcing, with the zero-shot prompt.
 
     A softer view than exact-match recall: it moves before any answer flips, so it shows small
-    recoveries (the issue's SmolLM2 study reports it beside recall).
+    recoveries (docs/study-smollm2.md reports it beside recall).
     """
     if not pairs:
         raise DataError("answer NLL needs QA pairs")
