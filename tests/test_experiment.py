@@ -165,3 +165,14 @@ def test_available_attacks_drops_bnb_without_bitsandbytes(monkeypatch):
 def test_available_attacks_keeps_bnb_with_bitsandbytes(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec(True))
     assert available_attacks(["rtn-w8-ch", "bnb-nf4"]) == (["rtn-w8-ch", "bnb-nf4"], [])
+
+
+def test_a_key_written_twice_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: x\nseed: 0\nunlearn:\n  defaults:\n    lr: 1.0e-4\n    lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' appears twice \(line 6\)"):
+        load_experiment(path)
+    # YAML's own object tags stay refused: this is still the safe loader.
+    path.write_text("name: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_experiment(path)

@@ -80,12 +80,36 @@ def load_experiment(path: str | Path) -> Experiment:
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader())  # a SafeLoader
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: invalid YAML{where}") from None
     return parse_experiment(raw, str(path))
+
+
+class _DuplicateKey(Exception):
+    """A key written twice in one mapping of an experiment file."""
+
+
+def _strict_loader():
+    """PyYAML's safe loader, refusing a key written twice in one mapping: plain YAML keeps the last one
+    silently, so a setting typed twice would run with whichever came second."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} appears twice (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
