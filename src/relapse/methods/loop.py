@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from relapse import options
 from relapse.errors import ConfigError, DivergenceError
 from relapse.methods.parallel import barrier, data_parallel, is_main_process
-from relapse.models.io import round_to_bfloat16_, save_model
+from relapse.models.io import all_finite, round_to_bfloat16_, save_model
 from relapse.runtime import atomic_write_json, replace_dir
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -256,22 +256,24 @@ def run_loop(
                 group["lr"] = lr_at(step, config)
             if before_step is not None:
                 before_step(step)
-            total, logs_sum = _step_gradients(
-                model, params, config, step, batch_for_step, loss_fn, parallel, device, emulate_bfloat16
-            )
+
+            def gradients(step: int = step) -> tuple[float, dict[str, float]]:
+                return _step_gradients(
+                    model, params, config, step, batch_for_step, loss_fn, parallel, device, emulate_bfloat16
+                )
+
+            total, logs_sum = gradients()
             if not math.isfinite(total):
                 raise _diverged(f"the loss is {total}", step, config, description, checkpoint, saved_step)
             if after_backward is not None:
                 after_backward()
             if config.sam_rho is not None:
-                _sharpness_aware_gradients(
-                    model, params, config, step, batch_for_step, loss_fn, parallel, device, emulate_bfloat16
-                )
+                _sharpness_aware_gradients(params, config.sam_rho, gradients)
                 if after_backward is not None:
                     after_backward()
             # A finite loss can still give NaN or infinite gradients (an overflow in the backward pass);
             # one step with them would leave NaN weights, and after the last step nothing would notice.
-            if not _all_finite(p.grad for p in params):
+            if not all_finite(p.grad for p in params):
                 raise _diverged(
                     "the gradient is not finite", step, config, description, checkpoint, saved_step
                 )
@@ -321,15 +323,6 @@ def run_loop(
     )
 
 
-def _all_finite(tensors) -> bool:
-    """Whether every value of ``tensors`` (None skipped) is finite: the min and max of each tensor (exact,
-    no overflow, no copy of the tensor; NaN propagates), checked with one synchronisation."""
-    extremes = [
-        torch.stack(torch.aminmax(t.detach())).float() for t in tensors if t is not None and t.numel()
-    ]
-    return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
-
-
 def _diverged(
     what: str,
     step: int,
@@ -375,7 +368,7 @@ def _step_gradients(
     return total, logs_sum
 
 
-def _sharpness_aware_gradients(model, params, config, step, *gradient_args) -> None:
+def _sharpness_aware_gradients(params, rho: float, gradients: Callable[[], Any]) -> None:
     """Replace ``.grad`` by SAM's gradient (Foret et al. 2021): the gradient at the nearby weights
     ``w + rho * g / ||g||`` where the loss rises fastest, to be applied at ``w``.
 
@@ -385,11 +378,11 @@ def _sharpness_aware_gradients(model, params, config, step, *gradient_args) -> N
     saved = [p.detach().clone() for p in params]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    scale = config.sam_rho / (float(norm) + 1e-12)
+    scale = rho / (float(norm) + 1e-12)
     with torch.no_grad():
         for p, g in zip(params, grads, strict=True):
             p.add_(g, alpha=scale)
-    _step_gradients(model, params, config, step, *gradient_args)
+    gradients()
     with torch.no_grad():
         for p, value in zip(params, saved, strict=True):
             p.copy_(value)
