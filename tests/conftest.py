@@ -32,9 +32,11 @@ def weight_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Never touch the user's cache: every test sees a private RELAPSE_CACHE and one thread."""
+    """Never touch the user's cache: every test sees a private RELAPSE_CACHE, one thread and one process
+    (the tests of several processes say so)."""
     monkeypatch.setenv("RELAPSE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("RELAPSE_THREADS", "1")
+    monkeypatch.setenv("RELAPSE_JOBS", "1")
     torch.set_num_threads(1)
 
 

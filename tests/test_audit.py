@@ -256,17 +256,22 @@ def folder_digest(path: Path) -> dict[str, str]:
     }
 
 
+def small_audit_config(trained_small, unlearned_small, data) -> AuditConfig:
+    """The target and the GA model under AUDIT_ATTACKS and AUDIT_METRICS."""
+    return AuditConfig(
+        target=str(trained_small.path),
+        unlearned=[str(unlearned_small.path)],
+        data=str(data),
+        attacks=list(AUDIT_ATTACKS),
+        metrics=list(AUDIT_METRICS),
+    )
+
+
 @pytest.fixture(scope="module")
 def audited(trained_small, unlearned_small, small_benchmark_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("audit") / "run"
     before = {p: folder_digest(p) for p in (trained_small.path, unlearned_small.path)}
-    config = AuditConfig(
-        target=str(trained_small.path),
-        unlearned=[str(unlearned_small.path)],
-        data=str(small_benchmark_dir),
-        attacks=list(AUDIT_ATTACKS),
-        metrics=list(AUDIT_METRICS),
-    )
+    config = small_audit_config(trained_small, unlearned_small, small_benchmark_dir)
     results = run_audit(config, out, threads=1, progress=False, log=None)
     return {"out": out, "results": results, "before": before}
 
@@ -298,6 +303,62 @@ def test_audit_writes_every_cell_and_item_file(audited):
     assert on_disk["cells"]["target|none"]["metrics"]["recall_forget"]["value"] == 1.0
     assert on_disk["cells"]["ga|none"]["metrics"]["recall_forget"]["value"] < 0.5
     assert on_disk["verdicts"] == results["verdicts"] and set(on_disk["verdicts"]) == {"ga"}
+
+
+def test_audit_in_two_processes_equals_one(
+    audited, trained_small, unlearned_small, small_benchmark_dir, tmp_path
+):
+    """--jobs 2 audits the two models in two worker processes; every number and item equals one process's."""
+    config = small_audit_config(trained_small, unlearned_small, small_benchmark_dir)
+    lines: list[str] = []
+    results = run_audit(config, tmp_path / "two", threads=1, progress=False, log=lines.append, jobs=2)
+    one = audited["results"]
+    assert lines[0] == "auditing 2 models in 2 processes"
+    assert sorted(line.split(":")[0] for line in lines[1:]) == sorted(
+        "audit " + key.replace("|", " | ") for key in one["cells"]
+    )
+
+    def numbers(cell):
+        return {name: (m["value"], m["views"]) for name, m in cell["metrics"].items()}
+
+    assert set(results["cells"]) == set(one["cells"])
+    for key, cell in one["cells"].items():
+        assert numbers(results["cells"][key]) == numbers(cell), key
+        label, attack = key.split("|")
+        item_one = json.loads((audited["out"] / "items" / label / f"{attack}.json").read_text())
+        item_two = json.loads((tmp_path / "two" / "items" / label / f"{attack}.json").read_text())
+        for name in AUDIT_METRICS:
+            assert item_two["metrics"][name]["per_item"] == item_one["metrics"][name]["per_item"]
+    assert results["recovery"] == one["recovery"] and results["verdicts"] == one["verdicts"]
+    on_disk = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert set(on_disk["cells"]) == set(one["cells"])
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_every_privleak_is_relative_to_the_retrained_models_unattacked_auc(
+    trained_small, unlearned_small, small_benchmark_dir, tmp_path, jobs
+):
+    """Whether one process audits every model or several do, the retrained model's unattacked Min-40% AUC
+    is measured first and is the reference of every cell's PrivLeak (the GA model stands in for the
+    retrained one: any model with another AUC shows the reference at work)."""
+    config = AuditConfig(
+        target=str(trained_small.path),
+        retrained=str(unlearned_small.path),
+        unlearned=[str(trained_small.path)],
+        data=str(small_benchmark_dir),
+        attacks=["rtn-w4-g128"],
+        metrics=["privleak"],
+    )
+    results = run_audit(config, tmp_path / "audit", threads=1, progress=False, log=None, jobs=jobs)
+    assert set(results["cells"]) == {
+        f"{m}|{a}" for m in ("ga", "target", "target-2") for a in ("none", "rtn-w4-g128")
+    }
+    reference = results["cells"]["ga|none"]["metrics"]["privleak"]["views"]["auc"]
+    assert results["cells"]["ga|none"]["metrics"]["privleak"]["value"] == 0.0
+    for key, cell in results["cells"].items():
+        auc = cell["metrics"]["privleak"]["views"]["auc"]
+        assert cell["metrics"]["privleak"]["value"] == pytest.approx((auc - reference) / reference * 100), key
+    assert results["cells"]["target|none"]["metrics"]["privleak"]["value"] != 0.0
 
 
 def test_audit_none_cell_equals_a_direct_evaluation(

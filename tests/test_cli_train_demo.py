@@ -91,10 +91,11 @@ def test_bad_option_value_is_exit_2(small_benchmark_dir, tmp_path, capsys):
 
 
 def test_demo_fast_end_to_end(tmp_path):
-    """`relapse demo --fast`: every cell audited, a verdict per method; a second run only reads."""
+    """`relapse demo --fast --jobs 2`: the models made and audited in two processes, every cell audited, a
+    verdict per method; a second run (in one process) only reads."""
     cache = {"RELAPSE_CACHE": str(tmp_path / "cache"), "RELAPSE_THREADS": "1"}
     out = tmp_path / "demo"
-    first = _run(["demo", "--fast", "--out", str(out), "--quiet"], cache, timeout=900)
+    first = _run(["demo", "--fast", "--out", str(out), "--quiet", "--jobs", "2"], cache, timeout=900)
     assert first.returncode == 0, first.stderr
     experiment = load_experiment(shipped_experiment("demo-fast"))
     unlearned = list(experiment.unlearn_runs)

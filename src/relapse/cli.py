@@ -113,6 +113,17 @@ def _add_common_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
 
 
+def _add_jobs(p: argparse.ArgumentParser) -> None:
+    """--jobs, for the commands that make or audit several independent models."""
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes working on different models at once (default: $RELAPSE_JOBS, else one per core "
+        "on a CPU with <= 2 cores, else 1); the results do not depend on it",
+    )
+
+
 def _add_train(subparsers) -> None:
     from relapse.models.io import PRECISIONS
     from relapse.models.train import TRAIN_SPLITS, TrainConfig
@@ -717,6 +728,7 @@ def _add_audit(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an audit with other settings in --out")
     p.add_argument("--seed", type=int, default=0, help="seed for noise and relearning attacks (default 0)")
     _add_common_training(p)
+    _add_jobs(p)
     p.set_defaults(func=_cmd_audit)
 
 
@@ -749,6 +761,7 @@ def _cmd_audit(args) -> int:
         threads=args.threads,
         progress=not args.quiet,
         log=None if args.quiet else print,
+        jobs=args.jobs,
     )
     from relapse.demo import verdict_table
     from relapse.report import build_report
@@ -798,6 +811,7 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--fast", action="store_true", help="a smaller version that runs in about two minutes")
     p.add_argument("--overwrite", action="store_true", help="replace an audit with other settings in --out")
     _add_common_training(p)
+    _add_jobs(p)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -812,6 +826,7 @@ def _cmd_demo(args) -> int:
         overwrite=args.overwrite,
         log=None if args.quiet else print,
         device=args.device,
+        jobs=args.jobs,
     )
     _print_experiment(result)
     return 0
@@ -828,6 +843,7 @@ def _add_run(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an audit with other settings in --out")
     _add_common_training(p)
+    _add_jobs(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -842,6 +858,7 @@ def _cmd_run(args) -> int:
         overwrite=args.overwrite,
         log=None if args.quiet else print,
         device=args.device,  # None: the experiment file's device key, else auto
+        jobs=args.jobs,
     )
     _print_experiment(result)
     return 0

@@ -21,11 +21,20 @@ def run_demo(
     overwrite: bool = False,
     log=print,
     device: str | None = None,
+    jobs: int | None = None,
 ) -> ExperimentResult:
-    """Run the shipped demo experiment into ``out`` (on ``device``; ``None``: a GPU when there is one)."""
+    """Run the shipped demo experiment into ``out`` (on ``device``; ``None``: a GPU when there is one) with
+    ``jobs`` processes (``None``: both cores of a 2-core CPU, see :func:`relapse.workers.default_jobs`)."""
     experiment = load_experiment(shipped_experiment("demo-fast" if fast else "demo"))
     return run_experiment(
-        experiment, out, threads=threads, progress=progress, overwrite=overwrite, log=log, device=device
+        experiment,
+        out,
+        threads=threads,
+        progress=progress,
+        overwrite=overwrite,
+        log=log,
+        device=device,
+        jobs=jobs,
     )
 
 

@@ -244,19 +244,22 @@ def run_experiment(
     overwrite: bool = False,
     log=print,
     device: str | None = None,
+    jobs: int | None = None,
 ) -> ExperimentResult:
     """Run every step of ``experiment`` into ``out`` (data, models record, audit, report).
 
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) overrides the file's ``device`` key; ``None``
     keeps the file's (``auto`` when it has none). Training, unlearning and the audit all run there.
+    ``jobs`` processes train, unlearn and audit independent models at once (``None``:
+    :func:`relapse.workers.default_jobs`); every model and number is the same whatever ``jobs`` is.
     """
-    from relapse.audit.sweep import AuditConfig, run_audit
-    from relapse.methods.unlearn import UnlearnConfig, unlearn_model
-    from relapse.models.train import TrainConfig, train_model
     from relapse.report import build_report
     from relapse.runtime import atomic_write_json, package_versions, resolve_device
+    from relapse.workers import workers
 
-    target = str(resolve_device(device if device is not None else experiment.device))
+    requested = device if device is not None else experiment.device
+    # Recorded; each process resolves ``requested`` itself (on several GPUs, a worker's is its own).
+    target = str(resolve_device(requested))
     started = time.perf_counter()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -264,54 +267,12 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda *_: None)
     data_dir = _prepare_data(experiment, out, say)
-    models: dict[str, dict[str, Any]] = {}
-    train_settings = _train_settings(experiment.train)
     base = _resolve_base(experiment.train.get("base"), threads, progress, say)
-    roles = [("target", "forget+retain")]
-    if experiment.train.get("retrained", True):
-        roles.append(("retrained", "retain"))
-    for label, on in roles:
-        config = TrainConfig(on=on, seed=experiment.seed, **train_settings)
-        result = train_model(
-            data_dir, None, config, base=base, threads=threads, progress=progress, device=target
-        )
-        models[label] = _model_row(label, "train " + on, result)
-        say(_row_line(models[label]))
-    for name, settings in experiment.unlearn_runs.items():
-        config = UnlearnConfig(seed=experiment.seed, **{**experiment.unlearn_defaults, **settings})
-        result = unlearn_model(
-            models["target"]["path"],
-            data_dir,
-            None,
-            config,
-            threads=threads,
-            progress=progress,
-            device=target,
-        )
-        models[name] = _model_row(name, _describe(config, result.record), result)
-        say(_row_line(models[name]))
-    attacks, notes = available_attacks(experiment.attacks)
-    metrics = list(experiment.metrics)
-    if "retrained" not in models and "privleak" in metrics:
-        metrics.remove("privleak")
-        notes.append("privleak skipped: the experiment trains no retrained model (train.retrained: false)")
-    for note in notes:
-        say(f"note: {note}")
-    audit = AuditConfig(
-        target=models["target"]["path"],
-        retrained=models["retrained"]["path"] if "retrained" in models else None,
-        unlearned=[models[name]["path"] for name in experiment.unlearn_runs],
-        data=str(data_dir),
-        attacks=attacks,
-        metrics=metrics,
-        labels={row["path"]: label for label, row in models.items()},
-        seed=experiment.seed,
-        primary=experiment.primary,
-        device=target,
-    )
-    results = run_audit(
-        audit, out / "audit", overwrite=overwrite, threads=threads, progress=progress, log=log
-    )
+    with workers(jobs, threads, requested) as pool:
+        steps = _Steps(experiment, data_dir, pool, threads, progress, requested, say)
+        models = steps.train(base)
+        models.update(steps.unlearn(models["target"]["path"]))
+        results, notes = steps.audit(models, out / "audit", overwrite, log)
     report = build_report(out / "audit")
     seconds = time.perf_counter() - started
     atomic_write_json(
@@ -333,6 +294,146 @@ def run_experiment(
         },
     )
     return ExperimentResult(out, data_dir, models, results, report, notes, seconds)
+
+
+@dataclass
+class _Steps:
+    """The steps of :func:`run_experiment` that make or audit models, on one pool of worker processes.
+
+    With several processes the models of a step are made at once, without progress bars (they would
+    overwrite each other): a line says how many run, and a row is printed as each model is done.
+    """
+
+    experiment: Experiment
+    data_dir: Path
+    pool: Any  # relapse.workers.Workers
+    threads: int | None
+    progress: bool
+    device: str
+    say: Any
+
+    @property
+    def bars(self) -> bool:
+        return self.progress and self.pool.jobs == 1
+
+    def _make(self, what: str, tasks: dict[str, Any], describe) -> dict[str, dict[str, Any]]:
+        """Run ``tasks`` (label -> Task); ``describe(label, result)`` names how each model was made."""
+        rows: dict[str, dict[str, Any]] = {}
+        labels = list(tasks)
+        if self.pool.jobs > 1 and len(tasks) > 1:
+            self.say(f"{what} {len(tasks)} models in {min(self.pool.jobs, len(tasks))} processes")
+
+        def done(index: int, result) -> None:
+            label = labels[index]
+            rows[label] = _model_row(label, describe(label, result), result)
+            self.say(_row_line(rows[label]))
+
+        self.pool.run(list(tasks.values()), on_result=done)
+        return {label: rows[label] for label in labels}  # in the file's order, whatever finished first
+
+    def train(self, base: str | None) -> dict[str, dict[str, Any]]:
+        """The target (forget + retain) and, unless the file says not, the retrained model (retain)."""
+        from relapse.models.train import RECORD_NAME as TRAIN_RECORD
+        from relapse.models.train import TrainConfig, train_cache_key
+        from relapse.workers import Task
+
+        roles = {"target": "forget+retain"}
+        if self.experiment.train.get("retrained", True):
+            roles["retrained"] = "retain"
+        settings = _train_settings(self.experiment.train)
+        configs = {
+            label: TrainConfig(on=on, seed=self.experiment.seed, **settings) for label, on in roles.items()
+        }
+        tasks = {
+            label: Task(
+                _train,
+                (self.data_dir, config, base, self.threads, self.bars, self.device),
+                inline=_in_cache("models", train_cache_key(self.data_dir, config, base), TRAIN_RECORD),
+            )
+            for label, config in configs.items()
+        }
+        return self._make("training", tasks, lambda label, result: "train " + roles[label])
+
+    def unlearn(self, target: str) -> dict[str, dict[str, Any]]:
+        """Every run of the file's ``unlearn.runs``, each from ``target``."""
+        from relapse.methods.unlearn import RECORD_NAME as UNLEARN_RECORD
+        from relapse.methods.unlearn import UnlearnConfig, unlearn_cache_key
+        from relapse.workers import Task
+
+        configs = {
+            name: UnlearnConfig(seed=self.experiment.seed, **{**self.experiment.unlearn_defaults, **settings})
+            for name, settings in self.experiment.unlearn_runs.items()
+        }
+        tasks = {
+            name: Task(
+                _unlearn,
+                (target, self.data_dir, config, self.threads, self.bars, self.device),
+                inline=_in_cache(
+                    "unlearned", unlearn_cache_key(target, self.data_dir, config), UNLEARN_RECORD
+                ),
+            )
+            for name, config in configs.items()
+        }
+        return self._make("unlearning", tasks, lambda name, result: _describe(configs[name], result.record))
+
+    def audit(self, models, out: Path, overwrite: bool, log) -> tuple[dict[str, Any], list[str]]:
+        """The audit of every model; returns its results and notes on what it could not run."""
+        from relapse.audit.sweep import AuditConfig, run_audit
+
+        attacks, notes = available_attacks(self.experiment.attacks)
+        metrics = list(self.experiment.metrics)
+        if "retrained" not in models and "privleak" in metrics:
+            metrics.remove("privleak")
+            notes.append(
+                "privleak skipped: the experiment trains no retrained model (train.retrained: false)"
+            )
+        for note in notes:
+            self.say(f"note: {note}")
+        config = AuditConfig(
+            target=models["target"]["path"],
+            retrained=models["retrained"]["path"] if "retrained" in models else None,
+            unlearned=[models[name]["path"] for name in self.experiment.unlearn_runs],
+            data=str(self.data_dir),
+            attacks=attacks,
+            metrics=metrics,
+            labels={row["path"]: label for label, row in models.items()},
+            seed=self.experiment.seed,
+            primary=self.experiment.primary,
+            device=self.device,
+        )
+        results = run_audit(
+            config,
+            out,
+            overwrite=overwrite,
+            threads=self.threads,
+            progress=self.progress,
+            log=log,
+            pool=self.pool,
+        )
+        return results, notes
+
+
+def _in_cache(kind: str, key: str, record_name: str) -> bool:
+    """Whether the cache already holds the model of ``key`` (a step then only reads its record)."""
+    from relapse.models.io import read_record
+    from relapse.runtime import cache_dir
+
+    record = read_record(cache_dir() / kind / key, record_name)
+    return record is not None and record.get("cache_key") == key
+
+
+def _train(data_dir, config, base, threads, progress, device, emit):
+    """One training run (a :class:`relapse.workers.Task`)."""
+    from relapse.models.train import train_model
+
+    return train_model(data_dir, None, config, base=base, threads=threads, progress=progress, device=device)
+
+
+def _unlearn(model, data_dir, config, threads, progress, device, emit):
+    """One unlearning run (a :class:`relapse.workers.Task`)."""
+    from relapse.methods.unlearn import unlearn_model
+
+    return unlearn_model(model, data_dir, None, config, threads=threads, progress=progress, device=device)
 
 
 def _train_settings(train: dict[str, Any]) -> dict[str, Any]:

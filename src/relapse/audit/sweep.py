@@ -33,6 +33,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,10 +194,16 @@ def run_audit(
     threads: int | None = None,
     progress: bool = True,
     log=print,
+    jobs: int | None = None,
+    pool=None,
 ) -> dict[str, Any]:
     """Run (or resume) the audit into ``out``; returns the final results (also in ``results.json``).
 
-    Models are loaded onto ``config.device`` (``auto``: a GPU when there is one), one at a time.
+    Models are loaded onto ``config.device`` (``auto``: a GPU when there is one), one at a time per
+    process; ``jobs`` processes audit different models at once (``None``: :func:`relapse.workers.
+    default_jobs`, both cores of a 2-core CPU), or the processes of ``pool`` (a
+    :class:`relapse.workers.Workers` already started, as an experiment passes its own). The numbers do
+    not depend on ``jobs``: every cell seeds itself and runs on one process's threads.
     """
     device = resolve_device(config.device)  # a bad or missing device fails before any work
     out = Path(out)
@@ -210,19 +217,30 @@ def run_audit(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
     with folder_lock(out, "audit"):
-        return _run_audit(config, out, overwrite, attacks, device, threads, progress, log)
+        return _run_audit(config, out, overwrite, device, threads, progress, log, jobs, pool)
 
 
-def _run_audit(config, out: Path, overwrite, attacks, device, threads, progress, log) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _ModelCells:
+    """The cells of one model that one process computes (a task of :func:`_audit_model`)."""
+
+    label: str
+    role: str
+    path: str
+    attacks: tuple[str, ...]
+    config: AuditConfig
+    out: Path
+    retrained_auc: float | None
+    progress: bool
+
+
+def _run_audit(config, out: Path, overwrite, device, threads, progress, log, jobs, pool) -> dict[str, Any]:
     """:func:`run_audit`'s work, inside the folder's lock."""
-    from relapse.attacks.calibration import read_calibration_file
-    from relapse.models.io import load_model
+    from relapse.workers import Task, workers
 
     results = _open_results(out, config, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     threads_used = set_threads(threads)
-    benchmark = load_benchmark(config.data)
-    calibration = read_calibration_file(config.calibration) if config.calibration else []
     earlier = sorted({cell.get("device", "cpu") for cell in results["cells"].values()} - {str(device)})
     results.update(
         threads=threads_used,
@@ -238,52 +256,110 @@ def _run_audit(config, out: Path, overwrite, attacks, device, threads, progress,
                 f"note: finished cells of this audit ran on {', '.join(earlier)}; the rest run on {device} "
                 "(numbers agree up to float rounding)"
             )
-    settings = EvalSettings(batch_size=config.batch_size)
     models = results["models"]
-    order = sorted(models, key=lambda label: {"retrained": 0, "target": 1}.get(models[label]["role"], 2))
-    for label in order:  # retrained first: PrivLeak of every other model needs its AUC
-        todo = [a for a in [NO_ATTACK, *config.attacks] if cell_key(label, a) not in results["cells"]]
-        if not todo:
-            continue
-        net, tokenizer = load_model(models[label]["path"], device=str(device))
-        for attack_name in todo:
-            seed_everything(config.seed)
-            settings.retrained_auc = _retrained_auc(results, attack_name)
-            started = time.perf_counter()
-            if attack_name == NO_ATTACK:
-                metrics, info = _measure(net, tokenizer, benchmark, settings, config.metrics), {}
-            else:
-                attack = attacks[config.attacks.index(attack_name)]
-                context = AttackContext(
-                    tokenizer=tokenizer,
-                    benchmark=benchmark,
-                    seed=config.seed,
-                    progress=progress,
-                    calibration_texts=calibration,
-                )
-                with applied(attack, net, context) as info:
-                    metrics = _measure(net, tokenizer, benchmark, settings, config.metrics)
-            seconds = time.perf_counter() - started
-            atomic_write_json(
-                out / "items" / label / f"{attack_name}.json",
-                {"model": label, "attack": attack_name, "attack_info": info, "metrics": metrics},
-            )
-            results["cells"][cell_key(label, attack_name)] = {
-                "model": label,
-                "attack": attack_name,
-                "metrics": {name: _summary(r) for name, r in metrics.items()},
-                "attack_info": _small_info(info),
-                "seconds": seconds,
-                "device": str(device),
-            }
-            atomic_write_json(out / RESULTS_NAME, results)
+    todo = {
+        label: [a for a in [NO_ATTACK, *config.attacks] if cell_key(label, a) not in results["cells"]]
+        for label in sorted(models, key=lambda label: _ROLE_ORDER.get(models[label]["role"], 2))
+    }
+
+    def keep(cell: dict[str, Any]) -> None:  # one finished cell: saved at once, so a kill loses no more
+        results["cells"][cell_key(cell["model"], cell["attack"])] = cell["summary"]
+        atomic_write_json(out / RESULTS_NAME, results)
+        if log:
+            log(cell["line"])
+
+    with nullcontext(pool) if pool is not None else workers(jobs, threads, config.device) as processes:
+        labels = [label for label in todo if todo[label]]
+        parallel = processes.jobs > 1 and len(labels) > 1
+        retrained = next((label for label in labels if models[label]["role"] == "retrained"), None)
+        if retrained and NO_ATTACK in todo[retrained] and "privleak" in config.metrics:
+            # PrivLeak of every cell is relative to the retrained model's unattacked AUC: before any other
+            # model's task is made, that cell (several processes) or the whole retrained model (one).
+            first = [NO_ATTACK] if parallel else todo[retrained]
+            job = _job(results, config, out, retrained, first, progress and not parallel)
+            processes.run([Task(_audit_model, (job,))], on_event=keep)
+            todo[retrained] = [attack for attack in todo[retrained] if attack not in first]
+            labels = [label for label in labels if todo[label]]
+        if parallel:  # each process takes whole models (one load each), the ones with most cells first
+            labels.sort(key=lambda label: -len(todo[label]))
             if log:
-                log(_cell_line(label, attack_name, metrics, seconds))
-        del net
+                log(f"auditing {len(labels)} models in {min(processes.jobs, len(labels))} processes")
+        tasks = [
+            Task(_audit_model, (_job(results, config, out, label, todo[label], progress and not parallel),))
+            for label in labels
+        ]
+        processes.run(tasks, on_event=keep)
     results["diagnostics"] = _diagnostics(results, config, device)
     finish(results)
     atomic_write_json(out / RESULTS_NAME, results)
     return results
+
+
+#: The order models are audited in when one process does it all (the retrained model's AUC first).
+_ROLE_ORDER = {"retrained": 0, "target": 1}
+
+
+def _job(results, config, out, label: str, attacks: Sequence[str], progress: bool) -> _ModelCells:
+    info = results["models"][label]
+    return _ModelCells(
+        label=label,
+        role=info["role"],
+        path=info["path"],
+        attacks=tuple(attacks),
+        config=config,
+        out=out,
+        retrained_auc=_retrained_auc(results),
+        progress=progress,
+    )
+
+
+def _audit_model(job: _ModelCells, emit) -> None:
+    """Load one model and compute its cells (in this process or a worker), writing each cell's items file
+    and emitting ``{"model", "attack", "summary", "line"}`` for the caller to keep."""
+    from relapse.attacks.calibration import read_calibration_file
+    from relapse.models.io import load_model
+
+    config = job.config
+    device = resolve_device(config.device)  # in a worker on a machine with several GPUs: its own
+    benchmark = load_benchmark(config.data)
+    calibration = read_calibration_file(config.calibration) if config.calibration else []
+    settings = EvalSettings(batch_size=config.batch_size)
+    attacks = {attack.name: attack for attack in map(get_attack, config.attacks)}
+    net, tokenizer = load_model(job.path, device=str(device))
+    retrained_auc = job.retrained_auc
+    for attack_name in job.attacks:
+        seed_everything(config.seed)
+        settings.retrained_auc = retrained_auc
+        started = time.perf_counter()
+        if attack_name == NO_ATTACK:
+            metrics, info = _measure(net, tokenizer, benchmark, settings, config.metrics), {}
+            if job.role == "retrained" and "privleak" in metrics:
+                retrained_auc = metrics["privleak"]["views"]["auc"]
+        else:
+            context = AttackContext(
+                tokenizer=tokenizer,
+                benchmark=benchmark,
+                seed=config.seed,
+                progress=job.progress,
+                calibration_texts=calibration,
+            )
+            with applied(attacks[attack_name], net, context) as info:
+                metrics = _measure(net, tokenizer, benchmark, settings, config.metrics)
+        seconds = time.perf_counter() - started
+        atomic_write_json(
+            job.out / "items" / job.label / f"{attack_name}.json",
+            {"model": job.label, "attack": attack_name, "attack_info": info, "metrics": metrics},
+        )
+        summary = {
+            "model": job.label,
+            "attack": attack_name,
+            "metrics": {name: _summary(r) for name, r in metrics.items()},
+            "attack_info": _small_info(info),
+            "seconds": seconds,
+            "device": str(device),
+        }
+        line = _cell_line(job.label, attack_name, metrics, seconds)
+        emit({"model": job.label, "attack": attack_name, "summary": summary, "line": line})
 
 
 def _grid_warnings(config: AuditConfig) -> list[str]:
@@ -295,7 +371,7 @@ def _grid_warnings(config: AuditConfig) -> list[str]:
     return [warning for warning in found if warning]
 
 
-def _retrained_auc(results: dict[str, Any], attack: str) -> float | None:
+def _retrained_auc(results: dict[str, Any]) -> float | None:
     """PrivLeak's reference: the retrained model's Min-40% AUC, unattacked (as MUSE compares)."""
     for label, info in results["models"].items():
         if info["role"] == "retrained":
