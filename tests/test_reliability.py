@@ -462,3 +462,82 @@ def test_diff_json_does_not_overwrite_an_existing_file(trained_small, tmp_path, 
     assert existing.read_text() == "keep me"
     assert main([*argv, "--overwrite"]) == 0
     assert json.loads(existing.read_text())["total"]["codes_changed"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Places that cannot be written, a full disk, a hub that is not there.
+
+
+@pytest.fixture
+def immutable_folder(tmp_path):
+    """A folder nobody may write into, root included (``chattr +i``), where the platform allows it."""
+    folder = tmp_path / "immutable"
+    folder.mkdir()
+    if shutil.which("chattr") is None:
+        pytest.skip("no chattr here to make an immutable folder")
+    made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make an immutable folder here: {made.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=False)
+
+
+def test_unlearn_into_a_folder_it_cannot_write_fails_before_any_work(
+    trained_small, small_benchmark_dir, immutable_folder, capsys, monkeypatch
+):
+    started = []
+    monkeypatch.setattr(unlearn_module, "load_model", lambda *a, **k: started.append(1))
+    out = immutable_folder / "ga"
+    argv = ["unlearn", "--model", str(trained_small.path), "--data", str(small_benchmark_dir)]
+    assert main([*argv, "--out", str(out), "--method", "ga", "--steps", "2", "--quiet"]) == 2
+    line = _error_line(capsys)
+    assert "cannot write the output folder" in line and str(out) in line
+    assert started == [] and list(immutable_folder.iterdir()) == []
+
+
+def test_audit_into_a_folder_it_cannot_write_is_one_line(
+    trained_small, small_benchmark_dir, immutable_folder, capsys
+):
+    out = immutable_folder / "audit"
+    assert main(_audit_argv(trained_small, small_benchmark_dir, out)) == 2
+    assert "cannot write the audit folder" in _error_line(capsys)
+    assert list(immutable_folder.iterdir()) == []
+
+
+def test_a_full_disk_while_saving_leaves_no_partial_folder(trained_small, tmp_path, monkeypatch):
+    model, tokenizer = load_model(str(trained_small.path))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(model, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(model, tokenizer, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither the model nor a hidden .saving- folder
+
+
+@pytest.mark.parametrize(("code", "text"), [(28, "No space left on device"), (30, "Read-only file system")])
+def test_the_cli_says_a_full_disk_or_a_read_only_place_in_one_line(monkeypatch, tmp_path, capsys, code, text):
+    import relapse.cli as cli_module
+
+    def fails(args):
+        raise OSError(code, text, str(tmp_path / "results.json"))
+
+    monkeypatch.setattr(cli_module, "_cmd_report", fails)
+    assert main(["report", str(tmp_path)]) == 2
+    line = _error_line(capsys)
+    assert text in line and str(tmp_path / "results.json") in line and "a rerun resumes" in line
+
+
+def test_a_model_name_that_is_neither_a_folder_nor_reachable_fails_at_once(monkeypatch):
+    import relapse.models.io as io_module
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network call at all
+    assert io_module.hub_reachable() is False
+    monkeypatch.setattr(
+        io_module.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("tried")
+    )
+    with pytest.raises(ModelError, match=r"not a model folder here, and the hub .* cannot be reached"):
+        load_model("someone/no-such-model")

@@ -954,6 +954,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RelapseError as exc:
         print(f"relapse: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:
+        from relapse.runtime import WRITE_ERRNOS
+
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"relapse: error: cannot write{where}: {exc.strerror}; finished work is saved, and a rerun "
+            "resumes once there is room (or permission)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("relapse: interrupted; finished work is saved and a rerun resumes", file=sys.stderr)
         return 130

@@ -254,7 +254,7 @@ def run_experiment(
     :func:`relapse.workers.default_jobs`); every model and number is the same whatever ``jobs`` is.
     """
     from relapse.report import build_report
-    from relapse.runtime import atomic_write_json, package_versions, resolve_device
+    from relapse.runtime import atomic_write_json, cache_dir, check_writable, package_versions, resolve_device
     from relapse.workers import workers
 
     requested = device if device is not None else experiment.device
@@ -264,6 +264,8 @@ def run_experiment(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
+    check_writable(out, "the output folder")
+    check_writable(cache_dir(), "the cache (RELAPSE_CACHE)")
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda *_: None)
     data_dir = _prepare_data(experiment, out, say)

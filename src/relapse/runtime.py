@@ -6,6 +6,7 @@ These are small pure helpers; nothing here keeps global state beyond what torch 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -192,6 +193,31 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+#: The errors of a full disk, a read-only or immutable place, or missing permissions: the user's
+#: environment, said in one line by the CLI rather than as a traceback.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Fail at once, with one line, when ``path`` (or the nearest existing folder above it, where it would
+    be made) cannot be written: a run should not train for an hour and then fail to save. Probes by
+    creating and removing a file, which also catches read-only and immutable file systems and root."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        if existing == path:
+            return  # an existing file: whoever writes it says what is wrong with it
+        raise ConfigError(f"cannot write {what} {path}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".relapse-write-check-")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {what} {path}: {exc.strerror} ({existing})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def cache_dir() -> Path:

@@ -11,12 +11,16 @@ settings in the same folder are refused unless ``overwrite``.
     {"kind": "relapse-audit", "config": {...}, "config_hash": str,
      "models": {label: {"role": "target" | "retrained" | "unlearned", "path": str}},
      "cells": {"label|attack": {"model", "attack", "metrics": {name: {value, higher_is_better, best,
-               views}}, "attack_info": {...}, "seconds": float}},
+               views, item_values (means only)}}, "attack_info": {...}, "seconds": float}},
+     "intervals": {"label|attack": {metric: [low, high]}} (bootstrap, derived by ``finish``),
      "diagnostics": {label: {attack: {mean_abs_dw, mean_dw_over_step, share_below_half_step,
                      codes_changed, projection}}},
      "device": str (where the latest run ran; each cell also names its own "device"),
-     "recovery": {label: {attack: {metric: ratio | None, "metric:control": ..., "metric:kept": ...}}},
-     "verdicts": {label: {"status", "text", ...}}, "seed": int, "versions": {...}}
+     "recovery": {label: {attack: {metric: ratio | None, "metric:control": ..., "metric:kept": ...,
+                  "metric:interval": [low, high], "metric:control_interval": ...,
+                  "metric:net_interval": ...}}},
+     "verdicts": {label: {"status", "text", "attacks": {attack: decision}, ...}}, "seed": int,
+     "versions": {...}}
 
 The attack ``none`` is the model as it is.
 
@@ -50,6 +54,7 @@ from relapse.runtime import (
     LOCK_NAME,
     atomic_write_json,
     check_device_name,
+    check_writable,
     folder_lock,
     hash_files,
     package_versions,
@@ -179,7 +184,12 @@ def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> dict[str, 
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: result.get(k) for k in ("value", "higher_is_better", "best", "views", "seconds")}
+    """What results.json keeps of a metric: all but the per-item details (in ``items/``), with the
+    per-item values of a mean (a few hundred numbers) kept for the bootstrap intervals."""
+    summary = {k: result.get(k) for k in ("value", "higher_is_better", "best", "views", "seconds")}
+    if "item_values" in result:
+        summary["item_values"] = result["item_values"]
+    return summary
 
 
 def _small_info(info: dict[str, Any]) -> dict[str, Any]:
@@ -216,6 +226,7 @@ def run_audit(
         )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
+    check_writable(out, "the audit folder")
     with folder_lock(out, "audit"):
         return _run_audit(config, out, overwrite, device, threads, progress, log, jobs, pool)
 

@@ -3,7 +3,11 @@
 Every metric is a function of an :class:`Evaluator` and returns one schema::
 
     {"value": float, "higher_is_better": bool | None, "best": float | None, "per_item": [...],
-     "views": {...}, "seconds": float, ...}
+     "views": {...}, "seconds": float, "item_values": [float, ...] (means only), ...}
+
+A metric that is a mean over items (KnowMem, VerbMem, QA recall, answer NLL) also returns
+``item_values``, one number per item whose mean is ``value``: the audit's bootstrap intervals resample
+them (:mod:`relapse.metrics.bootstrap`). AUCs and perplexity are not means over items and have none.
 
 ``higher_is_better`` is ``False`` for what a model should forget (VerbMem and KnowMem on the forget set),
 ``True`` for utility, and ``None`` for two-sided numbers whose ideal is ``best`` (an AUC of 0.5, a
@@ -226,6 +230,7 @@ def _rouge_result(per_item: list[dict[str, Any]], higher_is_better: bool, exact_
             "exact_match": 100 * _mean([float(it["exact_match"]) for it in per_item]),
         },
         "per_item": per_item,
+        "item_values": [100 * it["rougeL_f1"] for it in per_item],
     }
 
 
@@ -334,6 +339,7 @@ def recall_retain(ev: Evaluator) -> dict[str, Any]:
 def _recall(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool) -> dict[str, Any]:
     result = qa_recall(ev.model, ev.tokenizer, pairs, batch_size=ev.settings.batch_size or 64)
     result.update(higher_is_better=higher_is_better, best=None, views={})
+    result["item_values"] = [float(item["correct"]) for item in result["per_item"]]
     return result
 
 
@@ -374,6 +380,7 @@ def _answer_nll(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool) 
         "best": None,
         "views": {},
         "per_item": per_item,
+        "item_values": [it["nll"] for it in per_item],
     }
 
 

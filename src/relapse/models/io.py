@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from relapse.errors import ConfigError, ModelError, WeightsError
-from relapse.runtime import atomic_write_json, replace_dir
+from relapse.runtime import atomic_write_json, check_writable, replace_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,6 +61,37 @@ def parse_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ModelError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}") from None
+
+
+def hub_host() -> str:
+    """The model hub's host: ``$HF_ENDPOINT``'s, else huggingface.co."""
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers a TCP connection within ``timeout`` seconds (False in offline mode,
+    ``HF_HUB_OFFLINE=1``). Without a network the name does not even resolve, which takes milliseconds;
+    transformers would instead retry for most of a minute before saying so."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((hub_host(), port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    """Whether the Hugging Face cache holds ``repo_id``'s config (so it loads without the hub)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except ValueError:  # not a valid repository id
+        return False
+    return isinstance(found, str)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -104,6 +139,14 @@ def load_model(
         source: str = str(folder)
     else:
         source = name
+    # A hub id with no hub in reach: the local Hugging Face cache only, instead of a minute of retries.
+    offline = not files and not hub_reachable()
+    if offline and not _in_hub_cache(name, revision):
+        raise ModelError(
+            f"{name!r} is not a model folder here, and the hub ({hub_host()}) cannot be reached to fetch it "
+            "(nor is it in the Hugging Face cache): give a folder written by save_pretrained, or check the "
+            "name"
+        )
     try:
         # ignore_mismatched_sizes: a misshapen tensor is reported below, by name, not as a RuntimeError.
         model, loading = AutoModelForCausalLM.from_pretrained(
@@ -114,12 +157,16 @@ def load_model(
             revision=revision,
             output_loading_info=True,
             ignore_mismatched_sizes=True,
+            local_files_only=offline,
         )
         _check_loading(model, loading, name, files)
         tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code, revision=revision
+            source, trust_remote_code=trust_remote_code, revision=revision, local_files_only=offline
         )
-    except (OSError, ValueError, SafetensorError) as exc:
+    except OSError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {name!r}: {first_line}") from None
+    except (ValueError, SafetensorError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {name!r}: {first_line}") from None
     apply_precision_(model, dtype)
@@ -261,11 +308,15 @@ def save_model(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.saving-"))
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if record is not None:
-        atomic_write_json(staging / record_name, record)
-    replace_dir(staging, out)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if record is not None:
+            atomic_write_json(staging / record_name, record)
+        replace_dir(staging, out)
+    except BaseException:  # a full disk or a kill: no half-written folder is left beside ``out``
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
 
 
@@ -288,6 +339,7 @@ def reuse_or_claim(out: Path, key: str, record_name: str, overwrite: bool) -> di
     ``overwrite``: relapse never replaces a user's results without being told to.
     """
     out = Path(out)
+    check_writable(out, "the output folder")  # before any work, not after it at save time
     if not out.exists():
         return None
     existing = read_record(out, record_name)

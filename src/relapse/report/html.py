@@ -17,6 +17,7 @@ from relapse.report.markdown import (
     QUESTION,
     Table,
     diagnostics_view,
+    glance_view,
     metric_tables,
     missing_cells,
     provenance,
@@ -40,6 +41,9 @@ th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#f0f0f0}
 .notes{font-size:.8rem;color:#444}figure{margin:1rem 0}img{max-width:100%}
 .missing{color:#a04000}pre{background:#f6f6f6;padding:.6rem;overflow-x:auto;font-size:.8rem}
+td.relapses{background:#f5b7b1}td.holds{background:#abebc6}td.inconclusive{background:#fcf3cf}
+td.no-test,td.no-ratio{background:#eaeded;color:#555}td.over-unlearned{color:#8e44ad;font-weight:600}
+.verdict.inconclusive{border-color:#d4ac0d;background:#fef9e7}
 """
 
 
@@ -48,8 +52,12 @@ def table_html(table: Table) -> str:
     parts = [f"<h3>{escape(table.title)}</h3>", "<table>", "<thead><tr>"]
     parts += [f"<th>{escape(h)}</th>" for h in table.header]
     parts.append("</tr></thead><tbody>")
-    for row in table.rows:
-        parts.append("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>")
+    styles = table.styles or [[""] * len(row) for row in table.rows]
+    for row, style in zip(table.rows, styles, strict=True):
+        cells = (f'<td class="{escape(k)}">' if k else "<td>" for k in style)
+        parts.append(
+            "<tr>" + "".join(f"{td}{escape(c)}</td>" for td, c in zip(cells, row, strict=True)) + "</tr>"
+        )
     parts.append("</tbody></table>")
     if table.notes:
         parts.append('<ul class="notes">' + "".join(f"<li>{escape(n)}</li>" for n in table.notes) + "</ul>")
@@ -95,7 +103,9 @@ def render_html(results: dict[str, Any], plots: list[Plot], title: str = "relaps
     body += [plot_html(plot) for plot in plots]
     body.append("<h2>Metrics</h2>")
     body += [table_html(table) for table in metric_tables(results)]
-    body += ["<h2>Recovery</h2>", table_html(recovery_view(results)), "<h2>Weight diagnostics</h2>"]
+    glance = glance_view(results)
+    body += ["<h2>Recovery</h2>", *([table_html(glance)] if glance is not None else [])]
+    body += [table_html(recovery_view(results)), "<h2>Weight diagnostics</h2>"]
     diagnostics = diagnostics_view(results)
     body.append(
         "<p>None computed (no grid-based attack, or the audit did not finish).</p>"

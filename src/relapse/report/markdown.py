@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from relapse.audit.recovery import FORGET_METRICS, NO_ATTACK
+from relapse.audit.recovery import NO_ATTACK, primary_metric
 from relapse.report.plots import (
     FLOAT_BITS,
     Plot,
@@ -57,6 +57,7 @@ _ANSWERS = {
     "over-unlearned": "Not usable, it lost its utility",
     "relapses": "No, it will relapse",
     "holds": "Yes, as far as these attacks reach",
+    "inconclusive": "Cannot tell yet, too few items",
     "not-forgotten": "No, it did not forget in the first place",
     "unknown": "Cannot tell",
 }
@@ -66,12 +67,14 @@ _ROLE_ORDER = {"target": 0, "retrained": 1, "unlearned": 2}
 
 @dataclass(frozen=True)
 class Table:
-    """A titled table of formatted cells, with notes printed under it."""
+    """A titled table of formatted cells, with notes printed under it; ``styles`` (optional, shaped like
+    ``rows``) names a style per cell that HTML colours by (Markdown has none)."""
 
     title: str
     header: list[str]
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
+    styles: list[list[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,40 +126,38 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     return out
 
 
-def best_recovery(row: dict[str, float | None]) -> tuple[str | None, float | None, float | None]:
-    """``(metric, share, control)``: the largest recovered share over the forget metrics of one cell."""
-    best_metric, best = None, None
-    for metric in FORGET_METRICS:
-        share = row.get(metric)
-        if share is not None and (best is None or share > best):
-            best_metric, best = metric, share
-    control = row.get(f"{best_metric}:control") if best_metric else None
-    return best_metric, best, control
-
-
 def quantization_lines(results: dict[str, Any]) -> list[str]:
-    """One plain sentence per unlearned model and quantization attack: what rounding brought back.
+    """One plain sentence per unlearned model and quantization attack: what rounding brought back of the
+    primary metric's gap, with its interval, the retrained control and the gap kept between the quantized
+    target and the quantized unlearned model.
 
     Zero is said as zero ("brought nothing back"); a model that relapses is not softened either.
     """
     recovery = results.get("recovery", {})
+    metric = primary_metric(results)
     lines = []
     for model in models_with_role(results, "unlearned"):
         for attack in results.get("config", {}).get("attacks", []):
             bits = attack_bits(attack)
-            if bits is None or bits >= FLOAT_BITS:
+            if bits is None or bits >= FLOAT_BITS or metric is None:
                 continue
-            metric, share, control = best_recovery(recovery.get(model, {}).get(attack, {}))
+            cell = recovery.get(model, {}).get(attack, {})
+            share = cell.get(metric)
             what = f"{model}: {bits}-bit rounding ({attack})"
             if share is None:
                 lines.append(f"{what}: no recovery could be computed (no forgetting gap or no measurement).")
-            elif share <= NOTHING_BACK:
-                lines.append(f"{what} brought nothing back (largest recovered share {fmt_share(share)}).")
+                continue
+            interval = fmt_interval(cell.get(f"{metric}:interval"))
+            if share <= NOTHING_BACK:
+                sentence = f"{what} brought nothing back of the {metric} gap ({fmt_share(share)}{interval})"
             else:
-                sentence = f"{what} brought back {fmt_share(share)} of the {metric} gap"
-                if control is not None:
-                    sentence += f" (retrained control: {fmt_share(control)})"
-                lines.append(sentence + ".")
+                sentence = f"{what} brought back {fmt_share(share)}{interval} of the {metric} gap"
+            notes = [
+                f"{label} {fmt_share(cell[key])}"
+                for label, key in (("retrained control", f"{metric}:control"), ("gap kept", f"{metric}:kept"))
+                if cell.get(key) is not None
+            ]
+            lines.append(sentence + (f" ({'; '.join(notes)})" if notes else "") + ".")
     return lines
 
 
@@ -188,31 +189,91 @@ def metric_tables(results: dict[str, Any]) -> list[Table]:
     return tables
 
 
+#: What the matrix says of one attack on one model (the verdict's per-attack decisions).
+_DECISION_WORDS = {
+    "relapses": "relapses",
+    "holds": "holds",
+    "inconclusive": "cannot tell",
+    "no-test": "no test",
+    "no-ratio": "n/a",
+}
+
+
+def fmt_interval(interval: list[float] | None) -> str:
+    """A share's interval as whole percentages, ``[12%, 40%]``; empty without one."""
+    return "" if not interval else f" [{_whole_percent(interval[0])}, {_whole_percent(interval[1])}]"
+
+
+def _whole_percent(share: float) -> str:
+    """A share as a whole percentage, without the "-0%" a tiny negative value would print."""
+    return f"{round(share * 100) + 0}%"
+
+
+def glance_view(results: dict[str, Any]) -> Table | None:
+    """Unlearned models x attacks at a glance: each cell the verdict's decision for that attack on the
+    primary metric, with the recovered share and its 95% interval; None when no verdict has decisions."""
+    attacks = list(results.get("config", {}).get("attacks", []))
+    recovery, found = results.get("recovery", {}), results.get("verdicts", {})
+    rows, styles, metric = [], [], None
+    for model in models_with_role(results, "unlearned"):
+        entry = found.get(model) or {}
+        decisions, followed = entry.get("attacks") or {}, entry.get("metric")
+        metric = metric or followed
+        row, style = [model], [str(entry.get("status", ""))]
+        for attack in attacks:
+            decision = decisions.get(attack)
+            cell = recovery.get(model, {}).get(attack, {})
+            share = cell.get(followed) if followed else None
+            text = _DECISION_WORDS.get(decision, "–") if decision else "–"
+            if share is not None and decision in ("relapses", "holds", "inconclusive"):
+                text += f" {_whole_percent(share)}{fmt_interval(cell.get(f'{followed}:interval'))}"
+            row.append(text)
+            style.append(decision or "")
+        rows.append(row)
+        styles.append(style)
+    if metric is None:
+        return None
+    notes = [
+        f"Each cell: the decision for that attack on {metric} (the audit's primary metric), the share of "
+        "its forgetting gap the attack brought back and, where items allow, its 95% bootstrap interval.",
+        "relapses: the share net of the retrained control reaches the threshold and its interval clears "
+        "both controls; holds: the net share's upper bound stays under the threshold; cannot tell: the "
+        "items are too few to decide; no test: the quantized target itself fell to the retrained level; "
+        "n/a: no gap to recover.",
+    ]
+    return Table(f"At a glance ({metric})", ["model", *attacks], rows, notes, styles)
+
+
 def recovery_view(results: dict[str, Any]) -> Table:
-    """Unlearned models x attacks: the largest recovered share, its metric, and the retrained control."""
+    """Unlearned models x attacks: the recovered share of the primary metric's gap, its interval, and the
+    retrained control (every other forget metric's share is in results.json under ``recovery``)."""
     attacks = list(results.get("config", {}).get("attacks", []))
     recovery = results.get("recovery", {})
     rows = []
+    metric = primary_metric(results)
     for model in models_with_role(results, "unlearned"):
         row = [model]
         for attack in attacks:
-            metric, share, control = best_recovery(recovery.get(model, {}).get(attack, {}))
+            cell = recovery.get(model, {}).get(attack, {})
+            share = cell.get(metric) if metric else None
             if share is None:
                 row.append("n/a")
                 continue
-            text = f"{fmt_share(share)} {metric}"
+            text = fmt_share(share) + fmt_interval(cell.get(f"{metric}:interval"))
+            control = cell.get(f"{metric}:control")
             if control is not None:
                 text += f" (control {fmt_share(control)})"
             row.append(text)
         rows.append(row)
     notes = [
-        "Recovered share = (M(attacked unlearned) - M(unlearned)) / (M(target) - M(unlearned)): 0 means "
-        "the attack brought nothing back, 100% that the attacked model scores like the target.",
-        "Each cell shows the largest share over the forget metrics, with its metric; the control is the "
-        "retrained model's move under the same attack over the same gap (an attack that teaches moves it "
-        "too, one that uncovers forgotten knowledge does not). n/a: no gap to recover or not measured.",
+        "Recovered share = (M(attacked unlearned) - M(unlearned)) / (M(target) - M(unlearned)) on "
+        f"{metric or 'the primary metric'}: 0 means the attack brought nothing back, 100% that the attacked "
+        "model scores like the target; in brackets its 95% paired bootstrap interval over items.",
+        "The control is the retrained model's move under the same attack over the same gap (an attack that "
+        "teaches moves it too, one that uncovers forgotten knowledge does not). n/a: no gap to recover or "
+        "not measured.",
     ]
-    return Table("Recovery under each attack", ["model", *attacks], rows, notes)
+    return Table(f"Recovery under each attack ({metric})", ["model", *attacks], rows, notes)
 
 
 def diagnostics_view(results: dict[str, Any]) -> Table | None:
@@ -298,6 +359,8 @@ def render_markdown(results: dict[str, Any], plots: list[Plot]) -> str:
     for table in metric_tables(results):
         lines += table_markdown(table)
     lines += ["## Recovery", ""]
+    glance = glance_view(results)
+    lines += table_markdown(glance) if glance is not None else []
     lines += table_markdown(recovery_view(results))
     lines += ["## Weight diagnostics", ""]
     diagnostics = diagnostics_view(results)
