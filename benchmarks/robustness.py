@@ -49,6 +49,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "npo+gdr-robust": {"method": "npo+gdr", "robust_to": ROBUST_GRIDS},
     "npo+gdr-robust-base": {"method": "npo+gdr", "robust_to": [BASE_GRID]},
     "npo+gdr-robust-sam": {"method": "npo+gdr", "robust_to": ROBUST_GRIDS, "sam_rho": 0.05},
+    # The margin term: every moved weight pushed across the edge of the target's cell (uniform grids).
+    "npo+gdr-robust-base-margin": {"method": "npo+gdr", "robust_to": [BASE_GRID], "robust_margin": 1.0},
+    "npo+gdr-robust-margin": {"method": "npo+gdr", "robust_to": ROBUST_GRIDS, "robust_margin": 1.0},
 }
 
 
@@ -209,6 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=None, help="processes (default: relapse's, see --jobs)")
     parser.add_argument(
         "--table-only", action="store_true", help="run nothing: rebuild the table from OUT's finished run"
     )
@@ -234,7 +238,11 @@ def main() -> None:
     spec = experiment(base)
     spec["data"] = {"path": str(data)}
     result = run_experiment(
-        parse_experiment(spec, "robustness-tiny"), args.out / "run", threads=args.threads, progress=False
+        parse_experiment(spec, "robustness-tiny"),
+        args.out / "run",
+        threads=args.threads,
+        progress=False,
+        jobs=args.jobs,
     )
     summary = table(result.results, result.models)
     summary.update(experiment=spec, seed=spec["seed"], versions=package_versions())

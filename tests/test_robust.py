@@ -158,3 +158,43 @@ def test_a_grid_the_model_cannot_take_is_refused_when_named_and_left_out_of_defa
     robust = RobustObjective(model, ["default"], tmp_path)
     assert {"rtn-w4-g64", "rtn-w4-g128"} <= set(robust.describe()["left_out"])
     assert "rtn-w4-ch" in robust.grids and not {"rtn-w4-g64", "rtn-w4-g128"} & set(robust.grids)
+
+
+# --- the margin term -----------------------------------------------------------------------------------
+
+
+def test_margin_is_the_distance_to_the_cell_edge_in_steps_for_moved_weights_only(tmp_path):
+    """One weight moved a quarter step: the hinge is how far it still is from the edge of the target's
+    rounding cell (plus 0.05) in the direction it moved, by hand; its gradient pushes on along that
+    direction; a weight past the edge, or one that did not move, adds nothing."""
+    from relapse.attacks.rtn import parse_rtn_name, quantize
+
+    benchmark = synth_benchmark(people=4, facts_per_person=2, seed=0)
+    model, _ = build_tiny(TinyConfig(hidden_size=64, num_heads=4, intermediate_size=128), benchmark)
+    robust = RobustObjective(model, ["rtn-w4-ch", "bnb-nf4"], tmp_path, margin=True)
+    name = "model.layers.0.mlp.down_proj.weight"
+    weight = dict(model.named_parameters())[name]
+    grid = quantize(weight.detach(), parse_rtn_name("rtn-w4-ch"))
+    step, centre = float(grid.step()[3, 5]), float(grid.dequantize()[3, 5])
+    start = float(weight[3, 5].detach())
+    with torch.no_grad():
+        weight[3, 5] = start - 0.25 * step  # moved down a quarter step
+    loss = robust.margin_loss(model, step=0)
+    reach = -(start - 0.25 * step - centre) / step  # past the centre, downwards, in steps
+    assert float(loss) == pytest.approx(max(0.0, 0.55 - reach), rel=1e-5)
+    loss.backward()
+    gradient = weight.grad
+    assert float(gradient[3, 5]) == pytest.approx(1.0 / step, rel=1e-5)  # descent moves it further down
+    assert int((gradient != 0).sum()) == 1
+    with torch.no_grad():
+        weight[3, 5] = centre - 0.6 * step  # past the lower edge (and 0.05 beyond): done
+    assert float(robust.margin_loss(model, step=0)) == 0.0
+    assert robust.margin_loss(model, step=1) is None  # NF4's cells are not uniform: no margin there
+
+
+def test_robust_margin_needs_robust_to_and_a_sane_weight():
+    with pytest.raises(ConfigError, match="--robust-margin adds to --robust-to"):
+        UnlearnConfig(robust_margin=1.0)
+    with pytest.raises(ConfigError, match="--robust-margin must be finite"):
+        UnlearnConfig(robust_to=["rtn-w4-ch"], robust_margin=float("nan"))
+    assert UnlearnConfig(robust_to=["rtn-w4-ch"], robust_margin=0.5).robust_margin == 0.5

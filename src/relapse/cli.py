@@ -403,6 +403,14 @@ def _add_unlearn(subparsers) -> None:
         "with straight-through gradients, one grid per step",
     )
     p.add_argument(
+        "--robust-margin",
+        type=float,
+        default=None,
+        metavar="WEIGHT",
+        help="with --robust-to: add WEIGHT x a hinge that pushes every weight unlearning moves across the "
+        "edge of the target's rounding cell on uniform (RTN) grids, so rounding cannot snap it back",
+    )
+    p.add_argument(
         "--select-lr",
         type=float,
         nargs="+",
@@ -451,6 +459,7 @@ def _cmd_unlearn(args) -> int:
         rmu_coeff=args.rmu_coeff,
         sam_rho=args.sam_rho,
         robust_to=args.robust_to,
+        robust_margin=args.robust_margin,
         select_lr=args.select_lr,
         utility_floor=args.utility_floor,
         variant=args.variant,

@@ -29,6 +29,12 @@ import torch
 
 from relapse.errors import ConfigError
 
+#: The margin term counts a weight as moved once it is this share of the grid's step from its start.
+MOVED = 0.1
+#: How far past the edge of the target's rounding cell (in steps) the margin term asks a moved weight
+#: to go, so that rounding lands it in the next cell rather than on the edge.
+BEYOND_EDGE = 0.05
+
 #: What ``default`` stands for (bitsandbytes formats only where bitsandbytes is installed).
 DEFAULT_GRIDS = ("rtn-w4-ch", "rtn-w4-g64", "rtn-w4-g128", "bnb-nf4", "bnb-fp4")
 
@@ -87,7 +93,9 @@ class RoundedView(torch.nn.Module):
 class RobustObjective:
     """Builds, for a step, the view of the model through that step's grid."""
 
-    def __init__(self, model: torch.nn.Module, names: list[str], model_path: str | Path) -> None:
+    def __init__(
+        self, model: torch.nn.Module, names: list[str], model_path: str | Path, margin: bool = False
+    ) -> None:
         from relapse.attacks.base import AttackContext
         from relapse.attacks.registry import get_attack
 
@@ -111,6 +119,50 @@ class RobustObjective:
         if not self.grids:
             raise ConfigError("--robust-to: no grid can round this model")
         self.names = list(targets or {})
+        # The margin term measures moves from the target's weights: kept now, before any step (a resumed
+        # run builds this before its checkpoint is loaded, so it too keeps the target's).
+        parameters = dict(model.named_parameters())
+        self._start = {name: parameters[name].detach().clone() for name in self.names} if margin else None
+        self._cells: dict[Any, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def margin_loss(self, model: torch.nn.Module, step: int) -> torch.Tensor | None:
+        """The margin term for ``grid_at(step)``: for every rounded weight that unlearning has moved by
+        more than :data:`MOVED` of the grid's step from where it started (the target), how far it still
+        is from leaving the target's rounding cell in the direction it moves, in steps, plus
+        :data:`BEYOND_EDGE` (a hinge: zero once it is past the edge). Its gradient pushes each moved
+        weight on across the boundary, so that rounding does not snap it back to the target's code.
+
+        Uniform grids only (RTN, and GPTQ and AWQ, whose grids are RTN's), where the step is known; a
+        step on NF4, FP4 or a GGUF grid adds nothing (None). The mean is over moved weights.
+        """
+        attack = self.attacks[step % len(self.attacks)]
+        scheme = getattr(attack, "scheme", None)
+        if scheme is None:
+            return None
+        from relapse.attacks.rtn import quantize
+
+        if self._start is None:
+            raise ValueError("RobustObjective(margin=True) keeps the starting weights the margin needs")
+        if scheme not in self._cells:  # the target's cells on this grid: step sizes and centres
+            self._cells[scheme] = {}
+            for name, start in self._start.items():
+                grid = quantize(start, scheme, name)
+                self._cells[scheme][name] = (grid.step().to(start.dtype), grid.dequantize().to(start.dtype))
+        parameters = dict(model.named_parameters())
+        total = torch.zeros((), device=next(model.parameters()).device)
+        moved_count = 0
+        for name in self.names:
+            weight, start = parameters[name], self._start[name]
+            step_size, centre = self._cells[scheme][name]
+            with torch.no_grad():
+                direction = torch.sign(weight - start)
+                moved = (weight - start).abs() > MOVED * step_size
+            if not bool(moved.any()):
+                continue
+            reach = direction * (weight - centre) / step_size  # in steps, past the cell's centre
+            total = total + torch.relu(0.5 + BEYOND_EDGE - reach)[moved].sum()
+            moved_count += int(moved.sum())
+        return total / max(moved_count, 1)
 
     def grid_at(self, step: int) -> str:
         return self.grids[step % len(self.grids)]

@@ -72,6 +72,7 @@ ADDED_FIELDS = (
     "rmu_coeff",
     "sam_rho",
     "robust_to",
+    "robust_margin",
     "select_lr",
     "utility_floor",
 )
@@ -110,6 +111,7 @@ class UnlearnConfig:
     rmu_coeff: float = 20.0
     sam_rho: float | None = None
     robust_to: list[str] | None = None
+    robust_margin: float | None = None
     select_lr: list[float] | None = None
     utility_floor: float = DEFAULT_UTILITY_FLOOR
     lora_r: int | None = None
@@ -167,6 +169,11 @@ class UnlearnConfig:
                 raise ConfigError(
                     "--robust-to rounds the model's own weights; it cannot be combined with --lora-r"
                 )
+        if self.robust_margin is not None:
+            if self.robust_to is None:
+                raise ConfigError("--robust-margin adds to --robust-to's objective; give --robust-to too")
+            if not 0 <= self.robust_margin < math.inf:
+                raise ConfigError(f"--robust-margin must be finite and >= 0, got {self.robust_margin}")
         if self.spec.forget == "rmu" and (self.lora_r is not None or self.sure_top is not None):
             raise ConfigError("rmu chooses its own trainable weights: it takes no --lora-r or --sure-top")
         if self.weights != "float32" and self.autocast_bf16:
@@ -323,7 +330,11 @@ def unlearn_model(
     if retain_term is not None:
         retain_term.prepare(net, retain, reference)
     _restrict_trainable(net, forget_term, retain_term)
-    robust = RobustObjective(net, config.robust_to, model) if config.robust_to else None
+    robust = (
+        RobustObjective(net, config.robust_to, model, margin=bool(config.robust_margin))
+        if config.robust_to
+        else None
+    )
 
     forget_sampler = EpochSampler(len(forget), config.batch_size, config.seed)
     retain_sampler = EpochSampler(max(1, len(retain)), config.batch_size, config.seed + 1)
@@ -349,7 +360,13 @@ def unlearn_model(
         if robust is None:
             return loss, logs
         rounded_loss, rounded_logs = objective(robust.view(model, batch["step"]), batch, prefix="q_")
-        return loss + rounded_loss, {**logs, **rounded_logs}
+        loss, logs = loss + rounded_loss, {**logs, **rounded_logs}
+        if config.robust_margin:
+            margin = robust.margin_loss(model, batch["step"])
+            if margin is not None:
+                logs["margin"] = float(margin.detach())
+                loss = loss + config.robust_margin * margin
+        return loss, logs
 
     mask: SaliencyMask | None = None
     if config.sure_top is not None:
