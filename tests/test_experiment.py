@@ -176,3 +176,15 @@ def test_a_key_written_twice_is_refused_with_its_line(tmp_path):
     path.write_text("name: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_experiment(path)
+
+
+def test_an_audit_without_attacks_is_refused_and_a_missing_list_means_the_defaults():
+    from relapse.audit.sweep import DEFAULT_ATTACKS, AuditConfig
+
+    with pytest.raises(ConfigError, match=r"audit\.attacks names no attack"):
+        parse_experiment(with_change(lambda r: r["audit"].update(attacks=[])), "t.yaml")
+    assert parse_experiment(with_change(lambda r: r["audit"].pop("attacks")), "t.yaml").attacks == list(
+        DEFAULT_ATTACKS
+    )
+    with pytest.raises(ConfigError, match="at least one attack"):
+        AuditConfig(target="t", unlearned=["u"], data="d", attacks=[])

@@ -114,6 +114,7 @@ def _strict_loader():
 
 def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
     from relapse.attacks.registry import get_attack
+    from relapse.audit.sweep import DEFAULT_ATTACKS
     from relapse.methods.unlearn import UnlearnConfig
     from relapse.metrics.engine import resolve_metrics
     from relapse.models.train import TrainConfig
@@ -153,7 +154,9 @@ def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
     _build(TrainConfig, _train_settings(train), f"{source}: train")
     audit = _mapping(raw.get("audit", {}), f"{source}: audit")
     _no_unknown(audit, {"attacks", "metrics", "primary"}, f"{source}: audit")
-    attacks = [str(a) for a in audit.get("attacks", [])]
+    attacks = [str(a) for a in audit.get("attacks", DEFAULT_ATTACKS)]
+    if not attacks:
+        raise ConfigError(f"{source}: audit.attacks names no attack; an audit without one tests nothing")
     for attack in attacks:
         get_attack(attack)
     metrics = resolve_metrics(

@@ -99,6 +99,8 @@ class AuditConfig:
 
     def __post_init__(self) -> None:
         self.device = check_device_name(self.device)
+        if not self.attacks:
+            raise ConfigError("an audit needs at least one attack: without one nothing tests the forgetting")
         if self.primary is not None and self.primary not in PRIMARY_METRICS:
             raise ConfigError(f"--primary must be one of {', '.join(PRIMARY_METRICS)}, got {self.primary!r}")
         if self.primary is not None and self.primary not in self.metrics:
@@ -249,6 +251,7 @@ def _run_audit(config, out: Path, overwrite, device, threads, progress, log, job
     """:func:`run_audit`'s work, inside the folder's lock."""
     from relapse.workers import Task, workers
 
+    load_benchmark(config.data)  # a broken benchmark fails here, before any process starts
     results = _open_results(out, config, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     threads_used = set_threads(threads)
