@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 
 import pytest
 
@@ -188,3 +189,53 @@ def test_an_audit_without_attacks_is_refused_and_a_missing_list_means_the_defaul
     )
     with pytest.raises(ConfigError, match="at least one attack"):
         AuditConfig(target="t", unlearned=["u"], data="d", attacks=[])
+
+
+def test_seeds_must_be_a_whole_number_of_at_least_one():
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="seeds must be a whole number >= 1"):
+            parse_experiment(with_change(lambda r, bad=bad: r.update(seeds=bad)), "t.yaml")
+    experiment = parse_experiment(with_change(lambda r: r.update(seeds=3)), "t.yaml")
+    assert experiment.unlearn_seeds() == [3, 4, 5] and experiment.label("ga", 4) == "ga@4"
+    assert parse_experiment(copy.deepcopy(VALID), "t.yaml").label("ga", 3) == "ga"
+
+
+def test_an_experiment_over_two_seeds_audits_each_and_summarises_the_spread(tmp_path):
+    """Each unlearning run twice (seeds 3 and 4): two models per method, audited with their own seeds,
+    and a summary per method over the seeds, in results.json and in the report."""
+    from relapse.experiment import run_experiment
+
+    raw = with_change(
+        lambda r: r.update(
+            seeds=2,
+            unlearn={
+                "defaults": {"lr": 1.0e-4, "max_steps": 4, "eval_every": 2},
+                "runs": {"ga": {"method": "ga"}},
+            },
+            audit={"attacks": ["rtn-w4-g128", "relearn-retain-25"], "metrics": ["recall_forget", "knowmem"]},
+        )
+    )
+    result = run_experiment(parse_experiment(raw, "seeds.yaml"), tmp_path / "out", progress=False, log=None)
+    results = result.results
+    assert list(result.models) == ["target", "retrained", "ga@3", "ga@4"]
+    assert result.models["ga@3"]["path"] != result.models["ga@4"]["path"]
+    assert {label: (info.get("group"), info.get("seed")) for label, info in results["models"].items()} == {
+        "target": (None, None),
+        "retrained": (None, None),
+        "ga@3": ("ga", 3),
+        "ga@4": ("ga", 4),
+    }
+    assert sorted(results["config"]["model_seeds"].values()) == [3, 4]
+    summary = results["seed_summary"]["ga"]
+    assert summary["models"] == ["ga@3", "ga@4"] and summary["seeds"] == [3, 4]
+    assert sum(summary["statuses"].values()) == 2
+    for attack, stats in summary["attacks"].items():
+        shares = [results["recovery"][m][attack][summary["metric"]] for m in ("ga@3", "ga@4")]
+        shares = [s for s in shares if s is not None]
+        assert stats["n"] == len(shares)
+        if len(shares) == 2:
+            assert stats["mean"] == pytest.approx(sum(shares) / 2)
+            assert stats["sd"] == pytest.approx(abs(shares[0] - shares[1]) / 2**0.5)
+    report = (tmp_path / "out" / "audit" / "report.md").read_text(encoding="utf-8")
+    assert f"Across seeds ({summary['metric']})" in report
+    assert json.loads((tmp_path / "out" / "experiment.json").read_text())["seeds"] == [3, 4]

@@ -125,6 +125,17 @@ def _add_jobs(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_seeds(p: argparse.ArgumentParser) -> None:
+    """--seeds, for the commands that run an experiment."""
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="repeat every unlearning run with this many seeds (seed, seed + 1, ...), audit each, and "
+        "report the spread over seeds (default: the experiment file's seeds, else 1)",
+    )
+
+
 def _add_train(subparsers) -> None:
     from relapse.models.io import PRECISIONS
     from relapse.models.train import TRAIN_SPLITS, TrainConfig
@@ -822,6 +833,7 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an audit with other settings in --out")
     _add_common_training(p)
     _add_jobs(p)
+    _add_seeds(p)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -837,6 +849,7 @@ def _cmd_demo(args) -> int:
         log=None if args.quiet else print,
         device=args.device,
         jobs=args.jobs,
+        seeds=args.seeds,
     )
     _print_experiment(result)
     return 0
@@ -854,6 +867,7 @@ def _add_run(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an audit with other settings in --out")
     _add_common_training(p)
     _add_jobs(p)
+    _add_seeds(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -869,6 +883,7 @@ def _cmd_run(args) -> int:
         log=None if args.quiet else print,
         device=args.device,  # None: the experiment file's device key, else auto
         jobs=args.jobs,
+        seeds=args.seeds,
     )
     _print_experiment(result)
     return 0

@@ -22,6 +22,7 @@ def run_demo(
     log=print,
     device: str | None = None,
     jobs: int | None = None,
+    seeds: int | None = None,
 ) -> ExperimentResult:
     """Run the shipped demo experiment into ``out`` (on ``device``; ``None``: a GPU when there is one) with
     ``jobs`` processes (``None``: both cores of a 2-core CPU, see :func:`relapse.workers.default_jobs`)."""
@@ -35,6 +36,7 @@ def run_demo(
         log=log,
         device=device,
         jobs=jobs,
+        seeds=seeds,
     )
 
 

@@ -9,6 +9,7 @@ Schema (unknown keys are errors, so a typo cannot silently fall back to a defaul
 
     name: demo
     seed: 0
+    seeds: 3                                      # optional: each unlearning run with seeds 0, 1, 2
     device: auto                                  # optional: auto (a GPU if any), cpu, cuda or cuda:N;
                                                   # --device overrides it; not part of any cache key
     data:
@@ -43,7 +44,7 @@ from typing import Any
 
 from relapse.errors import ConfigError
 
-SECTIONS = {"name", "seed", "device", "data", "train", "unlearn", "audit"}
+SECTIONS = {"name", "seed", "seeds", "device", "data", "train", "unlearn", "audit"}
 
 
 @dataclass
@@ -62,6 +63,14 @@ class Experiment:
     primary: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
+    seeds: int = 1  # each unlearning run repeated with seeds seed, seed + 1, ...
+
+    def unlearn_seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
+
+    def label(self, run: str, seed: int) -> str:
+        """A run's model label: its name, with ``@seed`` when runs are repeated over seeds."""
+        return run if self.seeds == 1 else f"{run}@{seed}"
 
 
 def shipped_experiment(name: str) -> Path:
@@ -168,6 +177,9 @@ def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{source}: seed must be an integer, got {seed!r}")
+    seeds = raw.get("seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise ConfigError(f"{source}: seeds must be a whole number >= 1, got {seeds!r}")
     device = raw.get("device", "auto")
     if not isinstance(device, str):
         raise ConfigError(f"{source}: device must be auto, cpu, cuda or cuda:N, got {device!r}")
@@ -189,6 +201,7 @@ def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
         primary=primary,
         raw=raw,
         device=device,
+        seeds=seeds,
     )
 
 
@@ -248,6 +261,7 @@ def run_experiment(
     log=print,
     device: str | None = None,
     jobs: int | None = None,
+    seeds: int | None = None,
 ) -> ExperimentResult:
     """Run every step of ``experiment`` into ``out`` (data, models record, audit, report).
 
@@ -255,11 +269,16 @@ def run_experiment(
     keeps the file's (``auto`` when it has none). Training, unlearning and the audit all run there.
     ``jobs`` processes train, unlearn and audit independent models at once (``None``:
     :func:`relapse.workers.default_jobs`); every model and number is the same whatever ``jobs`` is.
+    ``seeds`` overrides the file's ``seeds``: each unlearning run repeated with that many seeds.
     """
     from relapse.report import build_report
     from relapse.runtime import atomic_write_json, cache_dir, check_writable, package_versions, resolve_device
     from relapse.workers import workers
 
+    if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise ConfigError(f"--seeds must be a whole number >= 1, got {seeds!r}")
+        experiment = dataclasses.replace(experiment, seeds=seeds)
     requested = device if device is not None else experiment.device
     # Recorded; each process resolves ``requested`` itself (on several GPUs, a worker's is its own).
     target = str(resolve_device(requested))
@@ -288,6 +307,7 @@ def run_experiment(
             "source": experiment.source,
             "experiment": experiment.raw,
             "seed": experiment.seed,
+            "seeds": experiment.unlearn_seeds(),
             "device": target,
             "data": str(data_dir),
             "models": models,
@@ -365,9 +385,13 @@ class _Steps:
         from relapse.methods.unlearn import UnlearnConfig, unlearn_cache_key
         from relapse.workers import Task
 
+        experiment = self.experiment
         configs = {
-            name: UnlearnConfig(seed=self.experiment.seed, **{**self.experiment.unlearn_defaults, **settings})
-            for name, settings in self.experiment.unlearn_runs.items()
+            experiment.label(name, seed): UnlearnConfig(
+                seed=seed, **{**experiment.unlearn_defaults, **settings}
+            )
+            for name, settings in experiment.unlearn_runs.items()
+            for seed in experiment.unlearn_seeds()
         }
         tasks = {
             name: Task(
@@ -394,16 +418,23 @@ class _Steps:
             )
         for note in notes:
             self.say(f"note: {note}")
+        experiment = self.experiment
+        runs = [(name, seed) for name in experiment.unlearn_runs for seed in experiment.unlearn_seeds()]
+        paths = {(name, seed): models[experiment.label(name, seed)]["path"] for name, seed in runs}
+        repeated = experiment.seeds > 1
         config = AuditConfig(
             target=models["target"]["path"],
             retrained=models["retrained"]["path"] if "retrained" in models else None,
-            unlearned=[models[name]["path"] for name in self.experiment.unlearn_runs],
+            unlearned=[paths[run] for run in runs],
             data=str(self.data_dir),
             attacks=attacks,
             metrics=metrics,
             labels={row["path"]: label for label, row in models.items()},
-            seed=self.experiment.seed,
-            primary=self.experiment.primary,
+            seed=experiment.seed,
+            primary=experiment.primary,
+            # Repeated runs: the stochastic attacks of each model take its run's seed.
+            model_seeds={paths[run]: run[1] for run in runs} if repeated else {},
+            groups={paths[run]: run[0] for run in runs} if repeated else {},
             device=self.device,
         )
         results = run_audit(

@@ -167,7 +167,47 @@ def finish(results: dict[str, Any]) -> dict[str, Any]:
         for label, info in results["models"].items()
         if info["role"] == "unlearned"
     }
+    results["seed_summary"] = seed_summary(results)
     return results
+
+
+def seed_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """Per group of repeated runs (one method over two or more seeds): on the primary metric, each
+    attack's recovered share as mean and sample standard deviation over the seeds, and how many seeds
+    got each verdict. The spread over seeds is the uncertainty that item intervals do not show: another
+    seed's unlearning run forgets other things."""
+    metric = primary_metric(results)
+    groups: dict[str, list[str]] = {}
+    for label, info in results.get("models", {}).items():
+        if info.get("role") == "unlearned" and info.get("group"):
+            groups.setdefault(info["group"], []).append(label)
+    summary: dict[str, Any] = {}
+    for group, labels in groups.items():
+        if len(labels) < 2 or metric is None:
+            continue
+        statuses: dict[str, int] = {}
+        for label in labels:
+            status = results.get("verdicts", {}).get(label, {}).get("status", "unknown")
+            statuses[status] = statuses.get(status, 0) + 1
+        attacks = {}
+        for attack in results.get("config", {}).get("attacks", []):
+            shares = [
+                results.get("recovery", {}).get(label, {}).get(attack, {}).get(metric) for label in labels
+            ]
+            shares = [share for share in shares if share is not None]
+            attacks[attack] = {
+                "mean": float(np.mean(shares)) if shares else None,
+                "sd": float(np.std(shares, ddof=1)) if len(shares) > 1 else None,
+                "n": len(shares),
+            }
+        summary[group] = {
+            "models": labels,
+            "seeds": [results["models"][label].get("seed") for label in labels],
+            "metric": metric,
+            "statuses": statuses,
+            "attacks": attacks,
+        }
+    return summary
 
 
 def recovery_table(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:

@@ -9,7 +9,8 @@ settings in the same folder are refused unless ``overwrite``.
 ``results.json``::
 
     {"kind": "relapse-audit", "config": {...}, "config_hash": str,
-     "models": {label: {"role": "target" | "retrained" | "unlearned", "path": str}},
+     "models": {label: {"role": "target" | "retrained" | "unlearned", "path": str,
+                "group": str, "seed": int (repeated runs over seeds only)}},
      "cells": {"label|attack": {"model", "attack", "metrics": {name: {value, higher_is_better, best,
                views, item_values (means only)}}, "attack_info": {...}, "seconds": float}},
      "intervals": {"label|attack": {metric: [low, high]}} (bootstrap, derived by ``finish``),
@@ -20,6 +21,8 @@ settings in the same folder are refused unless ``overwrite``.
                   "metric:interval": [low, high], "metric:control_interval": ...,
                   "metric:net_interval": ...}}},
      "verdicts": {label: {"status", "text", "attacks": {attack: decision}, ...}}, "seed": int,
+     "seed_summary": {group: {"models", "seeds", "metric", "statuses": {status: count},
+                      "attacks": {attack: {"mean", "sd", "n"}}}} (groups of two or more seeds),
      "versions": {...}}
 
 The attack ``none`` is the model as it is.
@@ -95,6 +98,10 @@ class AuditConfig:
     batch_size: int | None = None
     calibration: str | None = None
     primary: str | None = None  # the metric verdicts follow; None: the first measured of VERDICT_METRICS
+    # Repeated runs of one method over seeds (path -> seed, path -> the run's name): each such model's
+    # cells seed the stochastic attacks with its own seed, and the report summarises each group.
+    model_seeds: dict[str, int] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
     device: str = "auto"  # where it runs: not in to_json() nor the hash (see the module docstring)
 
     def __post_init__(self) -> None:
@@ -113,8 +120,9 @@ class AuditConfig:
         and ``primary`` only when declared (audits from before it existed keep their hash)."""
         settings = asdict(self)
         settings.pop("device")
-        if settings["primary"] is None:
-            settings.pop("primary")
+        for name in ("primary", "model_seeds", "groups"):  # audits from before these keep their hash
+            if not settings[name]:
+                settings.pop(name)
         return settings
 
 
@@ -131,6 +139,8 @@ def model_labels(config: AuditConfig) -> dict[str, dict[str, str]]:
         while label in models:
             label, n = f"{base}-{n}", n + 1
         models[label] = {"role": role, "path": path}
+        if path in config.groups:
+            models[label].update(group=config.groups[path], seed=config.model_seeds.get(path, config.seed))
     return models
 
 
@@ -341,8 +351,9 @@ def _audit_model(job: _ModelCells, emit) -> None:
     attacks = {attack.name: attack for attack in map(get_attack, config.attacks)}
     net, tokenizer = load_model(job.path, device=str(device))
     retrained_auc = job.retrained_auc
+    seed = config.model_seeds.get(job.path, config.seed)
     for attack_name in job.attacks:
-        seed_everything(config.seed)
+        seed_everything(seed)
         settings.retrained_auc = retrained_auc
         started = time.perf_counter()
         if attack_name == NO_ATTACK:
@@ -353,7 +364,7 @@ def _audit_model(job: _ModelCells, emit) -> None:
             context = AttackContext(
                 tokenizer=tokenizer,
                 benchmark=benchmark,
-                seed=config.seed,
+                seed=seed,
                 progress=job.progress,
                 calibration_texts=calibration,
             )

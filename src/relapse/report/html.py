@@ -23,6 +23,7 @@ from relapse.report.markdown import (
     provenance,
     quantization_lines,
     recovery_view,
+    seeds_view,
     verdicts,
 )
 from relapse.report.plots import Plot
@@ -103,8 +104,8 @@ def render_html(results: dict[str, Any], plots: list[Plot], title: str = "relaps
     body += [plot_html(plot) for plot in plots]
     body.append("<h2>Metrics</h2>")
     body += [table_html(table) for table in metric_tables(results)]
-    glance = glance_view(results)
-    body += ["<h2>Recovery</h2>", *([table_html(glance)] if glance is not None else [])]
+    extras = [table for table in (glance_view(results), seeds_view(results)) if table is not None]
+    body += ["<h2>Recovery</h2>", *(table_html(table) for table in extras)]
     body += [table_html(recovery_view(results)), "<h2>Weight diagnostics</h2>"]
     diagnostics = diagnostics_view(results)
     body.append(

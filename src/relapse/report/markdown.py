@@ -244,6 +244,34 @@ def glance_view(results: dict[str, Any]) -> Table | None:
     return Table(f"At a glance ({metric})", ["model", *attacks], rows, notes, styles)
 
 
+def seeds_view(results: dict[str, Any]) -> Table | None:
+    """Methods run with several seeds: per attack, the recovered share's mean and standard deviation over
+    the seeds, and how many seeds got each verdict; None when no method was repeated."""
+    summary = results.get("seed_summary") or {}
+    if not summary:
+        return None
+    attacks = list(results.get("config", {}).get("attacks", []))
+    rows = []
+    for group, entry in summary.items():
+        verdict_counts = ", ".join(f"{status} {count}" for status, count in sorted(entry["statuses"].items()))
+        cells = []
+        for attack in attacks:
+            stats = entry["attacks"].get(attack) or {}
+            if stats.get("mean") is None:
+                cells.append("n/a")
+                continue
+            spread = "" if stats.get("sd") is None else f" ± {stats['sd'] * 100:.1f}"
+            cells.append(f"{stats['mean'] * 100:.1f}{spread}% (n={stats['n']})")
+        rows.append([group, str(len(entry["models"])), verdict_counts, *cells])
+    metric = next(iter(summary.values()))["metric"]
+    notes = [
+        f"Each method unlearned once per seed and audited per seed; per attack the recovered share of the "
+        f"{metric} gap, mean ± sample standard deviation over the seeds (n: seeds with a ratio), and the "
+        "verdicts the seeds got. The spread over seeds is uncertainty that the item intervals do not show.",
+    ]
+    return Table(f"Across seeds ({metric})", ["method", "seeds", "verdicts", *attacks], rows, notes)
+
+
 def recovery_view(results: dict[str, Any]) -> Table:
     """Unlearned models x attacks: the recovered share of the primary metric's gap, its interval, and the
     retrained control (every other forget metric's share is in results.json under ``recovery``)."""
@@ -359,8 +387,8 @@ def render_markdown(results: dict[str, Any], plots: list[Plot]) -> str:
     for table in metric_tables(results):
         lines += table_markdown(table)
     lines += ["## Recovery", ""]
-    glance = glance_view(results)
-    lines += table_markdown(glance) if glance is not None else []
+    for extra in (glance_view(results), seeds_view(results)):
+        lines += table_markdown(extra) if extra is not None else []
     lines += table_markdown(recovery_view(results))
     lines += ["## Weight diagnostics", ""]
     diagnostics = diagnostics_view(results)
