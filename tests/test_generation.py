@@ -66,3 +66,19 @@ def test_answer_normalisation():
     assert normalize_answer("  Ostmoor. ") == "ostmoor"
     assert answer_matches(" marine  biologist", "Marine biologist")
     assert not answer_matches("marine", "marine biologist")
+
+
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(trained_small, small_benchmark_dir):
+    """Rows of one batch stop at different steps (EOS, a stop string, the token limit): each one's text
+    still equals the reference's, cut at its first stop string."""
+    model, tokenizer = load_model(trained_small.path)
+    benchmark = load_benchmark(small_benchmark_dir)
+    prompts = [qa_prompt(p.question) for p in benchmark.forget_qa[:3]] + [
+        " ".join(text.split()[:n]) for text, n in zip(benchmark.retain[:5], (2, 4, 6, 8, 10), strict=True)
+    ]
+    stops = (".", "\nQuestion")
+    batched = greedy_generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=8, stop_strings=stops)
+    for prompt, text in zip(prompts, batched, strict=True):
+        full = tokenizer.decode(reference_greedy(model, tokenizer, prompt, 16), skip_special_tokens=True)
+        cuts = [full.index(stop) for stop in stops if stop in full]
+        assert text == full[: min(cuts)] if cuts else text == full, prompt

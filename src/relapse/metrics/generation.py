@@ -90,6 +90,10 @@ def greedy_generate(
 
 
 def _generate_batch(model, tokenizer, prompts_ids, max_new_tokens, pad_id, eos_id, stop_strings, device):
+    """Greedy decoding of one batch. A row that ends (EOS or a stop string) leaves the batch at once: its
+    KV cache is dropped and later steps compute only the rows still going, so a batch costs what its
+    rows need rather than what its longest row needs. Stop strings are looked for in the last few
+    tokens' text only (decoding the whole continuation at every step grew quadratically)."""
     width = max(len(ids) for ids in prompts_ids)
     input_ids = torch.full((len(prompts_ids), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts_ids), width), dtype=torch.long)
@@ -99,7 +103,9 @@ def _generate_batch(model, tokenizer, prompts_ids, max_new_tokens, pad_id, eos_i
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     generated: list[list[int]] = [[] for _ in prompts_ids]
-    finished = torch.zeros(len(prompts_ids), dtype=torch.bool, device=device)
+    rows: list[int | None] = list(range(len(prompts_ids)))  # each batch position's original row
+    # Enough tokens to hold any stop string (every token is at least one character), and two more.
+    tail = max((len(stop) for stop in stop_strings), default=0) + 2
     past = None
     cache_kw = _cache_argument(type(model))
     last_only = _last_logits_only(type(model))
@@ -114,21 +120,28 @@ def _generate_batch(model, tokenizer, prompts_ids, max_new_tokens, pad_id, eos_i
             **last_only,
         )
         past = out[cache_kw]
-        next_ids = out.logits[:, -1, :].argmax(dim=-1)
-        for row in range(len(prompts_ids)):
-            if finished[row]:
-                continue
-            token = int(next_ids[row])
-            if token == eos_id:
-                finished[row] = True
+        next_ids = out.logits[:, -1, :].argmax(dim=-1).tolist()
+        going = []
+        for position, (row, token) in enumerate(zip(rows, next_ids, strict=True)):
+            if row is None or token == eos_id:  # None: ended earlier, in a cache that keeps its rows
                 continue
             generated[row].append(token)
-            if stop_strings and _cut_at_stop(tokenizer.decode(generated[row]), stop_strings)[1]:
-                finished[row] = True
-        if bool(finished.all()):
+            if stop_strings and _cut_at_stop(tokenizer.decode(generated[row][-tail:]), stop_strings)[1]:
+                continue
+            going.append(position)
+        if not going:
             break
-        next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
-        step_ids = next_ids[:, None]
+        if len(going) < sum(row is not None for row in rows):
+            if hasattr(past, "batch_select_indices"):
+                keep = torch.tensor(going, device=device)
+                past.batch_select_indices(keep)
+                attention_mask, step_positions = attention_mask[keep], step_positions[keep]
+                rows, next_ids = [rows[p] for p in going], [next_ids[p] for p in going]
+            else:  # a cache that cannot drop rows: ended rows stay, fed padding
+                kept = set(going)
+                rows = [row if p in kept else None for p, row in enumerate(rows)]
+                next_ids = [token if p in kept else pad_id for p, token in enumerate(next_ids)]
+        step_ids = torch.tensor(next_ids, dtype=torch.long, device=device)[:, None]
         step_positions = step_positions[:, -1:] + 1
         attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
     return [
