@@ -50,8 +50,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "npo+gdr-robust-base": {"method": "npo+gdr", "robust_to": [BASE_GRID]},
     "npo+gdr-robust-sam": {"method": "npo+gdr", "robust_to": ROBUST_GRIDS, "sam_rho": 0.05},
     # The margin term: every moved weight pushed across the edge of the target's cell (uniform grids).
-    "npo+gdr-robust-base-margin": {"method": "npo+gdr", "robust_to": [BASE_GRID], "robust_margin": 1.0},
-    "npo+gdr-robust-margin": {"method": "npo+gdr", "robust_to": ROBUST_GRIDS, "robust_margin": 1.0},
+    "npo+gdr-robust-base-margin": {"method": "npo+gdr", "robust_to": [BASE_GRID], "robust_margin": 100.0},
+    "npo+gdr-robust-margin": {"method": "npo+gdr", "robust_to": ROBUST_GRIDS, "robust_margin": 100.0},
 }
 
 
