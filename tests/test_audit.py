@@ -361,6 +361,20 @@ def test_every_privleak_is_relative_to_the_retrained_models_unattacked_auc(
     assert results["cells"]["target|none"]["metrics"]["privleak"]["value"] != 0.0
 
 
+def test_audit_gives_every_measured_value_its_interval(audited):
+    """Means (recall, KnowMem) and the membership AUC alike: every cell's value lies in its interval."""
+    results = audited["results"]
+    for key, cell in results["cells"].items():
+        for metric in AUDIT_METRICS:
+            low, high = results["intervals"][key][metric]
+            value = cell["metrics"][metric]["value"]
+            assert low - 1e-9 <= value <= high + 1e-9, (key, metric)
+    assert (
+        results["intervals"]["ga|none"]["recall_forget"][1]
+        > results["intervals"]["ga|none"]["recall_forget"][0]
+    )
+
+
 def test_audit_none_cell_equals_a_direct_evaluation(
     audited, trained_small, unlearned_small, small_benchmark_dir
 ):

@@ -107,6 +107,26 @@ def test_pairing_cancels_what_the_models_share():
     assert high - low > 0.2
 
 
+def test_auc_interval_equals_a_loop_over_the_same_draws_with_musees_auc():
+    """Forget and holdout resampled separately; each replicate's AUC computed the slow way, by
+    relapse.metrics.mia.membership_auc (ties count a half), on the very same draws."""
+    from relapse.metrics.mia import membership_auc
+
+    rng = np.random.default_rng(5)
+    forget = np.round(rng.normal(0.0, 1.0, 30), 1)  # rounded: ties happen
+    holdout = np.round(rng.normal(0.4, 1.0, 25), 1)
+    ours = bootstrap.auc_interval(forget, holdout, replicates=400, seed=9)
+    by_hand = [
+        membership_auc(forget[f].tolist(), holdout[h].tolist())
+        for f, h in zip(bootstrap.draws(30, 400, 9), bootstrap.draws(25, 400, 10), strict=True)
+    ]
+    assert ours == pytest.approx(bootstrap.percentile_interval(np.array(by_hand)), abs=1e-12)
+    low, high = ours
+    assert low < membership_auc(forget.tolist(), holdout.tolist()) < high
+    percent = bootstrap.auc_interval(forget, holdout, lambda auc: (auc - 0.5) / 0.5 * 100, 400, 9)
+    assert percent == pytest.approx(((low - 0.5) * 200, (high - 0.5) * 200))
+
+
 def test_too_many_undefined_replicates_give_no_interval():
     values = np.array([0.1] * 90 + [np.nan] * 10)
     assert bootstrap.percentile_interval(values) is None
@@ -178,6 +198,8 @@ def test_a_clear_recovery_relapses_with_its_interval():
     results = item_results({"rtn-w4-g128": bernoulli(100, 0.5)}, n=100)
     row = results["recovery"]["u"]["rtn-w4-g128"]
     low, high = row["recall_forget:interval"]
+    # The quantized target still answers every item: the gap kept is 1 - share, replicate by replicate.
+    assert row["recall_forget:kept_interval"] == pytest.approx([1 - high, 1 - low])
     assert low > RELAPSE_THRESHOLD and low < 0.5 < high
     found = results["verdicts"]["u"]
     assert found["status"] == "relapses"

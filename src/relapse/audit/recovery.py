@@ -272,7 +272,18 @@ def value_intervals(results: dict[str, Any]) -> dict[str, dict[str, list[float] 
         for metric, summary in cell["metrics"].items():
             if summary.get("item_values"):
                 interval = bootstrap.mean_interval(summary["item_values"], seed=seed)
-                intervals.setdefault(key, {})[metric] = _listed(interval)
+            elif summary.get("member_scores"):
+                scores, reference = (
+                    summary["member_scores"],
+                    (summary.get("views") or {}).get("retrained_auc"),
+                )
+                if metric == "privleak" and not reference:
+                    continue  # an audit from before the reference was kept beside it
+                transform = (lambda auc, r=reference: (auc - r) / r * 100.0) if metric == "privleak" else None
+                interval = bootstrap.auc_interval(scores["forget"], scores["holdout"], transform, seed=seed)
+            else:
+                continue
+            intervals.setdefault(key, {})[metric] = _listed(interval)
     return intervals
 
 
@@ -285,10 +296,12 @@ def share_intervals(
     retrained: str | None,
     direction: bool | None,
 ) -> dict[str, list[float] | None]:
-    """Paired bootstrap intervals of the recovered share (``{metric}:interval``), the retrained control
+    """Paired bootstrap intervals of the recovered share (``{metric}:interval``), the gap kept between the
+    attacked target and the attacked unlearned model (``{metric}:kept_interval``), the retrained control
     (``{metric}:control_interval``) and the share net of the control (``{metric}:net_interval``, the
     share minus the control where the control is positive, replicate by replicate): every replicate draws
-    the same items for the unlearned, target and retrained models. Empty without per-item values."""
+    the same items for the unlearned, target and retrained models (each call draws the same indices: same
+    item count, same seed). Empty without per-item values."""
     unlearned = item_values(results, model, NO_ATTACK, metric)
     attacked = item_values(results, model, attack, metric)
     reference = item_values(results, target, NO_ATTACK, metric)
@@ -311,6 +324,14 @@ def share_intervals(
         lambda u, a, t: share(a - u, u, t), [unlearned, attacked, reference], seed=seed
     )
     out = {f"{metric}:interval": _listed(bootstrap.percentile_interval(shares))}
+    attacked_target = item_values(results, target, attack, metric)
+    if attacked_target and len(attacked_target) == len(unlearned):
+        kept = bootstrap.paired_replicates(
+            lambda u, a, t, at: share(at - a, u, t),
+            [unlearned, attacked, reference, attacked_target],
+            seed=seed,
+        )
+        out[f"{metric}:kept_interval"] = _listed(bootstrap.percentile_interval(kept))
     before = item_values(results, retrained, NO_ATTACK, metric)
     after = item_values(results, retrained, attack, metric)
     if before and after and len(before) == len(after) == len(unlearned):

@@ -12,7 +12,8 @@ settings in the same folder are refused unless ``overwrite``.
      "models": {label: {"role": "target" | "retrained" | "unlearned", "path": str,
                 "group": str, "seed": int (repeated runs over seeds only)}},
      "cells": {"label|attack": {"model", "attack", "metrics": {name: {value, higher_is_better, best,
-               views, item_values (means only)}}, "attack_info": {...}, "seconds": float}},
+               views, item_values (means) | member_scores (AUCs)}}, "attack_info": {...},
+               "seconds": float}},
      "intervals": {"label|attack": {metric: [low, high]}} (bootstrap, derived by ``finish``),
      "diagnostics": {label: {attack: {mean_abs_dw, mean_dw_over_step, share_below_half_step,
                      codes_changed, projection}}},
@@ -197,10 +198,12 @@ def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> dict[str, 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     """What results.json keeps of a metric: all but the per-item details (in ``items/``), with the
-    per-item values of a mean (a few hundred numbers) kept for the bootstrap intervals."""
+    per-item values of a mean and the membership scores of an AUC (a few hundred numbers) kept for the
+    bootstrap intervals."""
     summary = {k: result.get(k) for k in ("value", "higher_is_better", "best", "views", "seconds")}
-    if "item_values" in result:
-        summary["item_values"] = result["item_values"]
+    for key in ("item_values", "member_scores"):
+        if key in result:
+            summary[key] = result[key]
     return summary
 
 

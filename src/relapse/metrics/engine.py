@@ -6,8 +6,9 @@ Every metric is a function of an :class:`Evaluator` and returns one schema::
      "views": {...}, "seconds": float, "item_values": [float, ...] (means only), ...}
 
 A metric that is a mean over items (KnowMem, VerbMem, QA recall, answer NLL) also returns
-``item_values``, one number per item whose mean is ``value``: the audit's bootstrap intervals resample
-them (:mod:`relapse.metrics.bootstrap`). AUCs and perplexity are not means over items and have none.
+``item_values``, one number per item whose mean is ``value``; the membership AUCs and PrivLeak return
+``member_scores`` (``{"forget": [...], "holdout": [...]}``). The audit's bootstrap intervals resample
+them (:mod:`relapse.metrics.bootstrap`). Perplexity is token-weighted and has neither.
 
 ``higher_is_better`` is ``False`` for what a model should forget (VerbMem and KnowMem on the forget set),
 ``True`` for utility, and ``None`` for two-sided numbers whose ideal is ``best`` (an AUC of 0.5, a
@@ -271,6 +272,7 @@ def _membership_result(ev: Evaluator, membership: Callable[[str, int, TokenScore
         "higher_is_better": None,
         "best": 0.5,
         "views": {},
+        "member_scores": splits,  # for the AUC's bootstrap interval (relapse.metrics.bootstrap)
         "per_item": [
             {"split": split, "index": i, "membership": value}
             for split, values in splits.items()
@@ -321,8 +323,9 @@ def privleak(ev: Evaluator) -> dict[str, Any]:
         "best": 0.0,
         "auc": auc_result["value"],
         "retrained_auc": reference,
-        "views": {"auc": auc_result["value"]},
+        "views": {"auc": auc_result["value"], "retrained_auc": reference},
         "per_item": auc_result["per_item"],
+        "member_scores": auc_result["member_scores"],
     }
 
 

@@ -152,11 +152,12 @@ def quantization_lines(results: dict[str, Any]) -> list[str]:
                 sentence = f"{what} brought nothing back of the {metric} gap ({fmt_share(share)}{interval})"
             else:
                 sentence = f"{what} brought back {fmt_share(share)}{interval} of the {metric} gap"
-            notes = [
-                f"{label} {fmt_share(cell[key])}"
-                for label, key in (("retrained control", f"{metric}:control"), ("gap kept", f"{metric}:kept"))
-                if cell.get(key) is not None
-            ]
+            notes = []
+            if cell.get(f"{metric}:control") is not None:
+                notes.append(f"retrained control {fmt_share(cell[f'{metric}:control'])}")
+            if cell.get(f"{metric}:kept") is not None:
+                kept = fmt_share(cell[f"{metric}:kept"]) + fmt_interval(cell.get(f"{metric}:kept_interval"))
+                notes.append(f"gap kept {kept}")
             lines.append(sentence + (f" ({'; '.join(notes)})" if notes else "") + ".")
     return lines
 
