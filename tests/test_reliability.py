@@ -265,6 +265,18 @@ def test_load_model_refuses_damaged_weights(trained_small, tmp_path, damage):
     assert isinstance(error.value, WeightsError) and isinstance(error.value, ModelError)
 
 
+@pytest.mark.parametrize("value", ["abc", [1, 2]])
+def test_a_config_field_of_the_wrong_type_is_one_line(trained_small, tmp_path, value):
+    folder = _copy(trained_small, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_size"] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError) as error:
+        load_model(folder)
+    text = str(error.value)
+    assert "hidden_size" in text and "expected int" in text and "\n" not in text
+
+
 def test_load_model_checks_weights_in_the_precision_asked(trained_small, tmp_path):
     """A float32 weight beyond float16's range is infinite once loaded as float16."""
     folder = _copy(trained_small, tmp_path)

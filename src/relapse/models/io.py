@@ -22,6 +22,15 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from relapse.errors import ConfigError, ModelError, WeightsError
+
+try:  # what transformers' strict configs raise for a field of the wrong type (huggingface_hub >= 0.32)
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # pragma: no cover - older huggingface_hub: such errors arrive as ValueError
+
+    class StrictDataclassError(Exception):
+        """Stands in for huggingface_hub's, which this version does not have."""
+
+
 from relapse.runtime import atomic_write_json, check_writable, replace_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -166,9 +175,10 @@ def load_model(
     except OSError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {name!r}: {first_line}") from None
-    except (ValueError, SafetensorError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load model {name!r}: {first_line}") from None
+    except (ValueError, SafetensorError, StrictDataclassError) as exc:
+        # StrictDataclassError: a config.json field of the wrong type (``"hidden_size": "abc"``).
+        text = " ".join(str(exc).split())
+        raise ModelError(f"cannot load model {name!r}: {text or type(exc).__name__}") from None
     apply_precision_(model, dtype)
     model.to(device)
     _check_finite(model, name, files, dtype)
