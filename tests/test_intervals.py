@@ -127,6 +127,19 @@ def test_auc_interval_equals_a_loop_over_the_same_draws_with_musees_auc():
     assert percent == pytest.approx(((low - 0.5) * 200, (high - 0.5) * 200))
 
 
+def test_perplexity_interval_equals_a_loop_over_the_same_draws():
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(5, 40, 20)
+    nll_sums = tokens * rng.uniform(1.0, 3.0, 20)
+    ours = bootstrap.perplexity_interval(tokens, nll_sums, replicates=300, seed=4)
+    by_hand = [
+        np.exp(sum(nll_sums[i] for i in row) / sum(tokens[i] for i in row))
+        for row in bootstrap.draws(20, 300, 4)
+    ]
+    assert ours == pytest.approx(bootstrap.percentile_interval(np.array(by_hand)), rel=1e-12)
+    assert ours[0] < np.exp(nll_sums.sum() / tokens.sum()) < ours[1]
+
+
 def test_too_many_undefined_replicates_give_no_interval():
     values = np.array([0.1] * 90 + [np.nan] * 10)
     assert bootstrap.percentile_interval(values) is None
@@ -265,4 +278,31 @@ def test_the_report_shows_each_decision_coloured_with_its_interval():
     assert (
         "brought back 20.0%" + f" [{round(low * 100)}%, {round(high * 100)}%] of the recall_forget gap"
         in markdown
+    )
+
+
+def test_value_intervals_cover_aucs_privleak_and_perplexity():
+    from relapse.audit.recovery import value_intervals
+
+    forget, holdout = [0.1, 0.4, 0.2, 0.9, 0.3], [0.5, 0.8, 0.3, 0.7, 0.6]
+    cell = {
+        "metrics": {
+            "mia_loss": {"value": 0.0, "member_scores": {"forget": forget, "holdout": holdout}},
+            "privleak": {
+                "value": 0.0,
+                "views": {"auc": 0.0, "retrained_auc": 0.6},
+                "member_scores": {"forget": forget, "holdout": holdout},
+            },
+            "ppl_general": {
+                "value": 0.0,
+                "text_scores": {"tokens": [10, 20, 30], "nll_sums": [20.0, 30.0, 90.0]},
+            },
+        }
+    }
+    intervals = value_intervals({"cells": {"m|none": cell}, "seed": 3})["m|none"]
+    auc = bootstrap.auc_interval(forget, holdout, seed=3)
+    assert intervals["mia_loss"] == pytest.approx(list(auc))
+    assert intervals["privleak"] == pytest.approx([(a - 0.6) / 0.6 * 100 for a in auc])
+    assert intervals["ppl_general"] == pytest.approx(
+        list(bootstrap.perplexity_interval([10, 20, 30], [20, 30, 90], seed=3))
     )

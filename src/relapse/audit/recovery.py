@@ -281,6 +281,9 @@ def value_intervals(results: dict[str, Any]) -> dict[str, dict[str, list[float] 
                     continue  # an audit from before the reference was kept beside it
                 transform = (lambda auc, r=reference: (auc - r) / r * 100.0) if metric == "privleak" else None
                 interval = bootstrap.auc_interval(scores["forget"], scores["holdout"], transform, seed=seed)
+            elif summary.get("text_scores"):
+                texts = summary["text_scores"]
+                interval = bootstrap.perplexity_interval(texts["tokens"], texts["nll_sums"], seed=seed)
             else:
                 continue
             intervals.setdefault(key, {})[metric] = _listed(interval)

@@ -12,7 +12,8 @@ settings in the same folder are refused unless ``overwrite``.
      "models": {label: {"role": "target" | "retrained" | "unlearned", "path": str,
                 "group": str, "seed": int (repeated runs over seeds only)}},
      "cells": {"label|attack": {"model", "attack", "metrics": {name: {value, higher_is_better, best,
-               views, item_values (means) | member_scores (AUCs)}}, "attack_info": {...},
+               views, item_values (means) | member_scores (AUCs) | text_scores (perplexity)}},
+               "attack_info": {...},
                "seconds": float}},
      "intervals": {"label|attack": {metric: [low, high]}} (bootstrap, derived by ``finish``),
      "diagnostics": {label: {attack: {mean_abs_dw, mean_dw_over_step, share_below_half_step,
@@ -201,7 +202,7 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     per-item values of a mean and the membership scores of an AUC (a few hundred numbers) kept for the
     bootstrap intervals."""
     summary = {k: result.get(k) for k in ("value", "higher_is_better", "best", "views", "seconds")}
-    for key in ("item_values", "member_scores"):
+    for key in ("item_values", "member_scores", "text_scores"):
         if key in result:
             summary[key] = result[key]
     return summary

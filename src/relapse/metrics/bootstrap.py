@@ -100,6 +100,23 @@ def auc_interval(
     return percentile_interval(transform(aucs) if transform is not None else aucs, level)
 
 
+def perplexity_interval(
+    token_counts: Sequence[int],
+    nll_sums: Sequence[float],
+    replicates: int = REPLICATES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> tuple[float, float] | None:
+    """The bootstrap interval of a corpus perplexity, ``exp(sum of NLL / sum of tokens)``, texts resampled
+    (each text's token count and summed NLL together)."""
+    tokens, sums = np.asarray(token_counts, dtype=float), np.asarray(nll_sums, dtype=float)
+    if tokens.size == 0:
+        return None
+    counts = _counts(draws(tokens.size, replicates, seed), tokens.size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return percentile_interval(np.exp((counts @ sums) / (counts @ tokens)), level)
+
+
 def _counts(index: np.ndarray, size: int) -> np.ndarray:
     """How often each item was drawn in each replicate (``replicates x size``)."""
     counts = np.zeros((index.shape[0], size))

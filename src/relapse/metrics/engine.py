@@ -7,8 +7,9 @@ Every metric is a function of an :class:`Evaluator` and returns one schema::
 
 A metric that is a mean over items (KnowMem, VerbMem, QA recall, answer NLL) also returns
 ``item_values``, one number per item whose mean is ``value``; the membership AUCs and PrivLeak return
-``member_scores`` (``{"forget": [...], "holdout": [...]}``). The audit's bootstrap intervals resample
-them (:mod:`relapse.metrics.bootstrap`). Perplexity is token-weighted and has neither.
+``member_scores`` (``{"forget": [...], "holdout": [...]}``), and perplexity ``text_scores`` (each text's
+token count and summed NLL). The audit's bootstrap intervals resample them
+(:mod:`relapse.metrics.bootstrap`).
 
 ``higher_is_better`` is ``False`` for what a model should forget (VerbMem and KnowMem on the forget set),
 ``True`` for utility, and ``None`` for two-sided numbers whose ideal is ``best`` (an AUC of 0.5, a
@@ -256,6 +257,11 @@ def ppl_general(ev: Evaluator) -> dict[str, Any]:
         "best": None,
         "views": {"mean_nll": _mean([s.nll for s in scores])},
         "per_item": [{"tokens": s.n_tokens, "perplexity": math.exp(s.nll)} for s in scores],
+        # Per text, for the bootstrap interval: its token count and the sum of its tokens' NLL.
+        "text_scores": {
+            "tokens": [s.n_tokens for s in scores],
+            "nll_sums": [float(-s.logprobs.sum()) for s in scores],
+        },
     }
 
 
