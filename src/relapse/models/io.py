@@ -152,7 +152,8 @@ def load_model(
     offline = not files and not hub_reachable()
     if offline and not _in_hub_cache(name, revision):
         raise ModelError(
-            f"{name!r} is not a model folder here, and the hub ({hub_host()}) cannot be reached to fetch it "
+            f"cannot load model {name!r}: it is not a model folder here, and the hub ({hub_host()}) cannot "
+            "be reached to fetch it "
             "(nor is it in the Hugging Face cache): give a folder written by save_pretrained, or check the "
             "name"
         )
