@@ -181,7 +181,7 @@ def test_margin_is_the_distance_to_the_cell_edge_in_steps_for_moved_weights_only
         weight[3, 5] = start - 0.25 * step  # moved down a quarter step
     loss = robust.margin_loss(model, step=0)
     reach = -(start - 0.25 * step - centre) / step  # past the centre, downwards, in steps
-    assert float(loss) == pytest.approx(max(0.0, 0.55 - reach), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(max(0.0, 0.55 - reach), rel=1e-5)
     loss.backward()
     gradient = weight.grad
     assert float(gradient[3, 5]) == pytest.approx(1.0 / step, rel=1e-5)  # descent moves it further down
