@@ -105,7 +105,7 @@ class Workers:
                 max_workers=self.jobs,
                 mp_context=context,
                 initializer=_start_worker,
-                initargs=(self.threads, slots, self._events),
+                initargs=(self.threads, slots, self._events, _logging_setup()),
             )
         return self._executor
 
@@ -175,13 +175,41 @@ def _drain(events: Any) -> Iterator[Any]:
 _worker_events: Any = None
 
 
-def _start_worker(threads: int | None, slots: Any, events: Any) -> None:
-    """Each worker's set-up: its torch threads, its GPU where there are several, its event queue."""
+def _logging_setup() -> tuple[int, str | None, int | None]:
+    """The caller's logging (root level and format, transformers' verbosity), for its workers to copy:
+    a spawned process starts with Python's defaults, and its warnings would read differently."""
+    import logging
+    import sys
+
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if h.formatter is not None), None)
+    fmt = handler.formatter._fmt if handler is not None else None  # the format string it was given
+    verbosity = None
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+    return root.level, fmt, verbosity
+
+
+def _start_worker(threads: int | None, slots: Any, events: Any, logging_setup: tuple) -> None:
+    """Each worker's set-up: its torch threads, its GPU where there are several, its event queue, and
+    the caller's logging."""
     global _worker_events
+    import logging
+
     import torch
 
     from relapse.runtime import set_threads
 
+    level, fmt, verbosity = logging_setup
+    if fmt is not None:
+        logging.basicConfig(level=level, format=fmt)
+    if verbosity is not None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.disable_progress_bar()
     _worker_events = events
     set_threads(threads)
     slot = slots.get()
