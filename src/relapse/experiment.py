@@ -380,7 +380,7 @@ class _Steps:
         return self._make("training", tasks, lambda label, result: "train " + roles[label])
 
     def unlearn(self, target: str) -> dict[str, dict[str, Any]]:
-        """Every run of the file's ``unlearn.runs``, each from ``target``."""
+        """Every run of the file's ``unlearn.runs``, each from ``target``, once per seed (``name@seed``)."""
         from relapse.methods.unlearn import RECORD_NAME as UNLEARN_RECORD
         from relapse.methods.unlearn import UnlearnConfig, unlearn_cache_key
         from relapse.workers import Task
