@@ -492,13 +492,13 @@ def relapse_verdict(results: dict[str, Any], model: str, table: dict | None = No
     relapses.sort(key=lambda r: -r[2])
     parts = []
     for position, (attack, share, _, control, kept) in enumerate(relapses):
-        notes = [] if control is None else [f"retrained control {_percent(control)}"]
+        notes = [] if control is None else [f"retrained control {whole_percent(control)}"]
         if kept is not None and attack_kind(attack) == "quantization":
-            notes.append(f"gap kept {_percent(kept)}")
+            notes.append(f"gap kept {whole_percent(kept)}")
         what = f" of the {metric} gap" if position == 0 else ""
-        interval = _interval_text(rows[attack].get(f"{metric}:interval"))
+        interval = interval_text(rows[attack].get(f"{metric}:interval"))
         parts.append(
-            f"{attack} brings back {_percent(share)}{interval}{what}"
+            f"{attack} brings back {whole_percent(share)}{interval}{what}"
             + (f" ({'; '.join(notes)})" if notes else "")
         )
     text = ", ".join(parts) + no_test_text
@@ -559,12 +559,19 @@ def attack_decision(
     interval, net_interval = row.get(f"{metric}:interval"), row.get(f"{metric}:net_interval")
     if interval is None or net_interval is None:
         return "relapses" if net >= RELAPSE_THRESHOLD else "holds"
-    ceiling = max([0.0] + [b[1] for b in (row.get(f"{metric}:control_interval"), noise_interval) if b])
+    ceiling = _controls_ceiling(row, metric, noise_interval)
     if net >= RELAPSE_THRESHOLD and interval[0] > ceiling:
         return "relapses"
     if net_interval[1] < RELAPSE_THRESHOLD:
         return "holds"
     return "inconclusive"
+
+
+def _controls_ceiling(row: dict[str, Any], metric: str, noise_interval: list[float] | None) -> float:
+    """What a recovered share's lower bound must clear to count: zero, and the upper ends of the retrained
+    control's interval and of the noise control's, where there are such intervals."""
+    bounds = (row.get(f"{metric}:control_interval"), noise_interval)
+    return max([0.0] + [bound[1] for bound in bounds if bound])
 
 
 def _inconclusive(results, model: str, metric: str, undecided, no_test_text: str) -> dict[str, Any]:
@@ -578,18 +585,16 @@ def _inconclusive(results, model: str, metric: str, undecided, no_test_text: str
         if net < RELAPSE_THRESHOLD:  # to hold, the upper bound must come under the threshold
             wanted = RELAPSE_THRESHOLD - net
         else:  # to relapse, the share's lower bound must clear the controls
-            ceiling = max(
-                [0.0] + [b[1] for b in (row.get(f"{metric}:control_interval"), noise_interval) if b]
-            )
+            ceiling = _controls_ceiling(row, metric, noise_interval)
             wanted = share - ceiling
         count = bootstrap.items_needed(n_items, (high - low) / 2, wanted)
         if count is not None:
             needed.append(count)
-        parts.append(f"{attack} {_percent(share)}{_interval_text(row.get(f'{metric}:interval'))}")
+        parts.append(f"{attack} {whole_percent(share)}{interval_text(row.get(f'{metric}:interval'))}")
     enough = f"about {max(needed)} would be needed" if needed else "more would be needed"
     text = (
         f"cannot tell on {metric} with {n_items} items ({enough}): recovered share {', '.join(parts)}, "
-        f"against a threshold of {_percent(RELAPSE_THRESHOLD)} and the controls" + no_test_text
+        f"against a threshold of {whole_percent(RELAPSE_THRESHOLD)} and the controls" + no_test_text
     )
     return {
         "status": "inconclusive",
@@ -600,8 +605,9 @@ def _inconclusive(results, model: str, metric: str, undecided, no_test_text: str
     }
 
 
-def _interval_text(interval: list[float] | None) -> str:
-    return "" if not interval else f" [{_percent(interval[0])}, {_percent(interval[1])}]"
+def interval_text(interval: list[float] | None) -> str:
+    """A share's interval as whole percentages, `` [12%, 40%]``; empty without one."""
+    return "" if not interval else f" [{whole_percent(interval[0])}, {whole_percent(interval[1])}]"
 
 
 def _attacks(tested: int, measured: int) -> str:
@@ -610,7 +616,7 @@ def _attacks(tested: int, measured: int) -> str:
     return f"{tested} of {measured} attacks"
 
 
-def _percent(share: float) -> str:
+def whole_percent(share: float) -> str:
     """A share as a whole percentage, without the "-0%" that a tiny negative value would print."""
     return f"{round(share * 100) + 0}%"
 

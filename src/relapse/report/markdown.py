@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from relapse.audit.recovery import NO_ATTACK, primary_metric
+from relapse.audit.recovery import NO_ATTACK, interval_text, primary_metric, whole_percent
 from relapse.report.plots import (
     FLOAT_BITS,
     Plot,
@@ -147,7 +147,7 @@ def quantization_lines(results: dict[str, Any]) -> list[str]:
             if share is None:
                 lines.append(f"{what}: no recovery could be computed (no forgetting gap or no measurement).")
                 continue
-            interval = fmt_interval(cell.get(f"{metric}:interval"))
+            interval = interval_text(cell.get(f"{metric}:interval"))
             if share <= NOTHING_BACK:
                 sentence = f"{what} brought nothing back of the {metric} gap ({fmt_share(share)}{interval})"
             else:
@@ -156,7 +156,7 @@ def quantization_lines(results: dict[str, Any]) -> list[str]:
             if cell.get(f"{metric}:control") is not None:
                 notes.append(f"retrained control {fmt_share(cell[f'{metric}:control'])}")
             if cell.get(f"{metric}:kept") is not None:
-                kept = fmt_share(cell[f"{metric}:kept"]) + fmt_interval(cell.get(f"{metric}:kept_interval"))
+                kept = fmt_share(cell[f"{metric}:kept"]) + interval_text(cell.get(f"{metric}:kept_interval"))
                 notes.append(f"gap kept {kept}")
             lines.append(sentence + (f" ({'; '.join(notes)})" if notes else "") + ".")
     return lines
@@ -200,16 +200,6 @@ _DECISION_WORDS = {
 }
 
 
-def fmt_interval(interval: list[float] | None) -> str:
-    """A share's interval as whole percentages, ``[12%, 40%]``; empty without one."""
-    return "" if not interval else f" [{_whole_percent(interval[0])}, {_whole_percent(interval[1])}]"
-
-
-def _whole_percent(share: float) -> str:
-    """A share as a whole percentage, without the "-0%" a tiny negative value would print."""
-    return f"{round(share * 100) + 0}%"
-
-
 def glance_view(results: dict[str, Any]) -> Table | None:
     """Unlearned models x attacks at a glance: each cell the verdict's decision for that attack on the
     primary metric, with the recovered share and its 95% interval; None when no verdict has decisions."""
@@ -227,7 +217,7 @@ def glance_view(results: dict[str, Any]) -> Table | None:
             share = cell.get(followed) if followed else None
             text = _DECISION_WORDS.get(decision, "–") if decision else "–"
             if share is not None and decision in ("relapses", "holds", "inconclusive"):
-                text += f" {_whole_percent(share)}{fmt_interval(cell.get(f'{followed}:interval'))}"
+                text += f" {whole_percent(share)}{interval_text(cell.get(f'{followed}:interval'))}"
             row.append(text)
             style.append(decision or "")
         rows.append(row)
@@ -288,7 +278,7 @@ def recovery_view(results: dict[str, Any]) -> Table:
             if share is None:
                 row.append("n/a")
                 continue
-            text = fmt_share(share) + fmt_interval(cell.get(f"{metric}:interval"))
+            text = fmt_share(share) + interval_text(cell.get(f"{metric}:interval"))
             control = cell.get(f"{metric}:control")
             if control is not None:
                 text += f" (control {fmt_share(control)})"
