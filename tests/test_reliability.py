@@ -553,3 +553,11 @@ def test_a_model_name_that_is_neither_a_folder_nor_reachable_fails_at_once(monke
     )
     with pytest.raises(ModelError, match=r"not a model folder here, and the hub .* cannot be reached"):
         load_model("someone/no-such-model")
+
+
+@pytest.mark.parametrize("option", [["--jobs", "0"], ["--seeds", "0"]])
+def test_demo_refuses_a_bad_process_or_seed_count_before_writing_anything(tmp_path, capsys, option):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet", *option]) == 2
+    assert "must be a whole number >= 1" in _error_line(capsys)
+    assert not out.exists()

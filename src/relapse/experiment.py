@@ -273,8 +273,10 @@ def run_experiment(
     """
     from relapse.report import build_report
     from relapse.runtime import atomic_write_json, cache_dir, check_writable, package_versions, resolve_device
-    from relapse.workers import workers
+    from relapse.workers import check_jobs, workers
 
+    if jobs is not None:
+        check_jobs(jobs)  # before anything is written
     if seeds is not None:
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise ConfigError(f"--seeds must be a whole number >= 1, got {seeds!r}")

@@ -231,7 +231,11 @@ def run_audit(
     :class:`relapse.workers.Workers` already started, as an experiment passes its own). The numbers do
     not depend on ``jobs``: every cell seeds itself and runs on one process's threads.
     """
+    from relapse.workers import check_jobs
+
     device = resolve_device(config.device)  # a bad or missing device fails before any work
+    if jobs is not None:
+        check_jobs(jobs)
     out = Path(out)
     attacks = [get_attack(name) for name in config.attacks]  # unknown names fail before any work
     config.attacks = [a.name for a in attacks]
