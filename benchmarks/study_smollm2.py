@@ -273,6 +273,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", action="append", default=[], help="run only this cell (repeatable)")
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="run only this variant of the grid's unlearning runs ('' for the plain one; repeatable)",
+    )
+    parser.add_argument(
         "--collect",
         type=Path,
         nargs="+",
@@ -281,6 +287,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     grid = GRIDS[args.grid]
+    if args.variant:
+        variants = {**UNLEARN_DEFAULTS, **grid}["variants"]
+        unknown = sorted(set(args.variant) - set(variants))
+        if unknown:
+            parser.error(f"--variant {unknown[0]!r} is not one of the grid's: {sorted(variants)}")
+        grid = {**grid, "variants": {tag: variants[tag] for tag in args.variant}}
     args.out.mkdir(parents=True, exist_ok=True)
     study_path = args.out / "study.json"
     done = json.loads(study_path.read_text()) if study_path.exists() else {"cells": []}
