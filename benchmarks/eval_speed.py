@@ -25,7 +25,7 @@ from relapse.metrics.engine import EvalSettings, Evaluator
 from relapse.metrics.generation import _cut_at_stop
 from relapse.metrics.rouge import rouge_l
 from relapse.models import TinyConfig, build_tiny, load_model
-from relapse.models.train import TrainConfig, train_model
+from relapse.training.finetune import TrainConfig, train_model
 
 
 def reference_generate(model, tokenizer, prompts, max_new_tokens, stops) -> list[str]:

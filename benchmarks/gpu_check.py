@@ -101,7 +101,7 @@ def pipeline(device: str, data: Path, out: Path, args, bnb: bool, watch: DeviceW
     """Train, unlearn and audit on ``device``; returns paths, records and timings."""
     from relapse.audit.sweep import AuditConfig, run_audit
     from relapse.methods.unlearn import UnlearnConfig, unlearn_model
-    from relapse.models.train import TrainConfig, train_model
+    from relapse.training.finetune import TrainConfig, train_model
 
     watch.reset()
     started = time.perf_counter()
@@ -218,8 +218,8 @@ def check_checkpoint_resume(target_path: Path, data: Path, work: Path, device: s
     """Kill a short run after its checkpoint, resume it on ``device``, compare with an uninterrupted run."""
     from relapse.data.batching import EpochSampler, collate, tokenize_for_lm
     from relapse.data.benchmark import load_benchmark
-    from relapse.methods.loop import CHECKPOINT_DIR, LoopConfig, run_loop
     from relapse.models.io import load_model
+    from relapse.training.loop import CHECKPOINT_DIR, LoopConfig, run_loop
 
     benchmark = load_benchmark(data)
     _, tokenizer = load_model(str(target_path))

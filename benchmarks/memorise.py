@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from relapse.data import synth_benchmark
-from relapse.models.train import TrainConfig, train_model
+from relapse.training.finetune import TrainConfig, train_model
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from relapse.data import synth_benchmark
 from relapse.methods.registry import method_names
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
-from relapse.models.train import TrainConfig, train_model
+from relapse.training.finetune import TrainConfig, train_model
 
 
 def main() -> None:

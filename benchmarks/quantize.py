@@ -20,7 +20,7 @@ import torch
 from relapse.attacks import AttackContext, applied, get_attack
 from relapse.data import load_benchmark, synth_benchmark
 from relapse.models import TinyConfig, build_tiny, load_model
-from relapse.models.train import TrainConfig, train_model
+from relapse.training.finetune import TrainConfig, train_model
 
 SCHEMES = (
     "rtn-w8-ch",

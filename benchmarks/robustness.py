@@ -30,8 +30,8 @@ from relapse.attacks.materialize import materialize
 from relapse.audit.recovery import NO_ATTACK, cell_value
 from relapse.data import synth_benchmark
 from relapse.experiment import parse_experiment, run_experiment
-from relapse.models.train import TrainConfig, train_model
 from relapse.runtime import atomic_write_json, atomic_write_text, package_versions
+from relapse.training.finetune import TrainConfig, train_model
 
 BASE_GRID = "rtn-w4-g64"
 QUANTIZERS = ["rtn-w4-ch", BASE_GRID, "gptq-w4-g64", "bnb-fp4", "bnb-nf4"]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from relapse.data import synth_benchmark
-from relapse.models.train import TrainConfig, train_model
+from relapse.training.finetune import TrainConfig, train_model
 
 #: A benchmark small enough to memorise in well under a minute on one core.
 SMALL = {"people": 20, "facts_per_person": 3, "forget_frac": 0.2, "seed": 7}

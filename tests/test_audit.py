@@ -532,7 +532,7 @@ def test_audit_warns_when_an_attack_rounds_onto_the_base_models_grid(
 ):
     """A target fine-tuned from a GGUF Q4_1 file: gguf-q4_1 rounds onto that grid; the audit says so in
     results.json, in its log and in both reports (the grid logic itself is tested in test_fetch.py)."""
-    from relapse.models import fetch
+    from relapse.attacks import provenance
     from relapse.report import build_report
 
     seen = []
@@ -541,7 +541,7 @@ def test_audit_warns_when_an_attack_rounds_onto_the_base_models_grid(
         seen.append((attack, str(model_dir)))
         return f"{attack} rounds onto the base grid" if attack == "prune-30" else None
 
-    monkeypatch.setattr(fetch, "grid_warning", fake_warning)
+    monkeypatch.setattr(provenance, "grid_warning", fake_warning)
     config = resume_config(
         trained_small, unlearned_small, small_benchmark_dir, attacks=["rtn-w8-ch", "prune-30"]
     )

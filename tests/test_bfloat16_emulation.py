@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from relapse.errors import ConfigError
-from relapse.methods.loop import LoopConfig, run_loop
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.models.io import round_to_bfloat16_
-from relapse.models.train import TrainConfig
+from relapse.training.finetune import TrainConfig
+from relapse.training.loop import LoopConfig, run_loop
 
 
 def test_rounding_is_to_nearest_bfloat16_and_keeps_dtype():

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from relapse.data import synth_benchmark
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
-from relapse.models.train import TrainConfig, train_model
+from relapse.training.finetune import TrainConfig, train_model
 
 RUNS: dict[str, dict] = {
     "ga": {"method": "ga"},

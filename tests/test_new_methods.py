@@ -33,11 +33,11 @@ from relapse.data import load_benchmark
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
 from relapse.methods import losses
-from relapse.methods.loop import LoopConfig, run_loop
 from relapse.methods.registry import parse_method
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.metrics.qa import qa_recall
 from relapse.models import load_model
+from relapse.training.loop import LoopConfig, run_loop
 
 # ---------------------------------------------------------------------------------------------------
 # SimNPO's loss by hand

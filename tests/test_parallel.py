@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from relapse.methods.parallel import DataParallel
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+from relapse.training.parallel import DataParallel
 from tests.conftest import weight_distance
 
 

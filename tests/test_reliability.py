@@ -19,12 +19,12 @@ import relapse.methods.losses as losses_module
 import relapse.methods.unlearn as unlearn_module
 from relapse.cli import main
 from relapse.errors import ConfigError, DivergenceError, ModelError, WeightsError
-from relapse.methods.loop import LoopConfig, run_loop, work_dir_for
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.models import load_model, save_model
 from relapse.models.io import _check_loading
-from relapse.models.train import TrainConfig
 from relapse.runtime import LOCK_NAME
+from relapse.training.finetune import TrainConfig
+from relapse.training.loop import LoopConfig, run_loop, work_dir_for
 
 NAN, INF = float("nan"), float("inf")
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
@@ -391,8 +391,8 @@ def test_non_finite_gradient_stops_before_the_weights_change():
 def test_overwrite_gets_past_a_stale_or_damaged_checkpoint(
     trained_small, small_benchmark_dir, tmp_path, state
 ):
-    from relapse.methods.loop import work_dir_for
     from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+    from relapse.training.loop import work_dir_for
 
     out = tmp_path / "u"
     checkpoint = work_dir_for(out) / "checkpoint"

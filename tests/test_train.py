@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import relapse.models.train as train_module
+import relapse.training.finetune as train_module
 from relapse.data import load_benchmark
 from relapse.errors import ConfigError
 from relapse.metrics.qa import qa_recall
 from relapse.models import load_model
-from relapse.models.train import train_model
+from relapse.training.finetune import train_model
 from tests.conftest import small_train_config
 
 

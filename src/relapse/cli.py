@@ -138,7 +138,7 @@ def _add_seeds(p: argparse.ArgumentParser) -> None:
 
 def _add_train(subparsers) -> None:
     from relapse.models.io import PRECISIONS
-    from relapse.models.train import TRAIN_SPLITS, TrainConfig
+    from relapse.training.finetune import TRAIN_SPLITS, TrainConfig
 
     defaults = TrainConfig()
     p = subparsers.add_parser(
@@ -234,9 +234,9 @@ def _run_summary(result, done_before: str) -> str:
 
 
 def _cmd_train(args) -> int:
-    from relapse.methods.parallel import is_main_process
     from relapse.models.tiny import TinyConfig
-    from relapse.models.train import TrainConfig, train_model
+    from relapse.training.finetune import TrainConfig, train_model
+    from relapse.training.parallel import is_main_process
 
     config = TrainConfig(
         on=args.on,
@@ -457,8 +457,8 @@ def _candidate_text(row: dict) -> str:
 
 
 def _cmd_unlearn(args) -> int:
-    from relapse.methods.parallel import is_main_process
     from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+    from relapse.training.parallel import is_main_process
 
     config = UnlearnConfig(
         method=args.method,

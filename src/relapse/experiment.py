@@ -126,8 +126,8 @@ def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
     from relapse.audit.sweep import DEFAULT_ATTACKS
     from relapse.methods.unlearn import UnlearnConfig
     from relapse.metrics.engine import resolve_metrics
-    from relapse.models.train import TrainConfig
     from relapse.runtime import check_device_name
+    from relapse.training.finetune import TrainConfig
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with sections {', '.join(sorted(SECTIONS))}")
@@ -360,8 +360,8 @@ class _Steps:
 
     def train(self, base: str | None) -> dict[str, dict[str, Any]]:
         """The target (forget + retain) and, unless the file says not, the retrained model (retain)."""
-        from relapse.models.train import RECORD_NAME as TRAIN_RECORD
-        from relapse.models.train import TrainConfig, train_cache_key
+        from relapse.training.finetune import RECORD_NAME as TRAIN_RECORD
+        from relapse.training.finetune import TrainConfig, train_cache_key
         from relapse.workers import Task
 
         roles = {"target": "forget+retain"}
@@ -462,7 +462,7 @@ def _in_cache(kind: str, key: str, record_name: str) -> bool:
 
 def _train(data_dir, config, base, threads, progress, device, emit):
     """One training run (a :class:`relapse.workers.Task`)."""
-    from relapse.models.train import train_model
+    from relapse.training.finetune import train_model
 
     return train_model(data_dir, None, config, base=base, threads=threads, progress=progress, device=device)
 
@@ -482,6 +482,7 @@ def _resolve_base(base: str | None, threads, progress, say) -> str | None:
     """A base model path: as given, or a fetchable name (``smollm2-135m``) fetched once into the cache."""
     if base is None or Path(str(base)).expanduser().exists():
         return base
+    from relapse.attacks.provenance import measure_grid
     from relapse.models.fetch import FETCHABLE, fetch_model
     from relapse.runtime import cache_dir
 
@@ -490,7 +491,7 @@ def _resolve_base(base: str | None, threads, progress, say) -> str | None:
         return base  # a hub id: load_model takes it (safetensors only)
     out = cache_dir() / "base" / name
     say(f"base model {name}: {out}")
-    return str(fetch_model(name, out, threads=threads, progress=progress))
+    return str(fetch_model(name, out, measure_grid, threads=threads, progress=progress))
 
 
 def _prepare_data(experiment: Experiment, out: Path, say) -> Path:

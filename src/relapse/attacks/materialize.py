@@ -11,8 +11,7 @@ from relapse.attacks.diagnostics import weight_diagnostics
 from relapse.attacks.registry import get_attack
 from relapse.attacks.rtn import parse_rtn_name
 from relapse.data.benchmark import benchmark_files, load_benchmark
-from relapse.models.io import load_model, reuse_or_claim, save_model
-from relapse.models.train import model_identity
+from relapse.models.io import load_model, model_identity, reuse_or_claim, save_model
 from relapse.runtime import (
     hash_files,
     package_versions,

@@ -147,7 +147,7 @@ def model_labels(config: AuditConfig) -> dict[str, dict[str, str]]:
 
 
 def _config_hash(config: AuditConfig) -> str:
-    from relapse.models.train import model_identity
+    from relapse.models.io import model_identity
 
     return stable_hash(
         {
@@ -398,7 +398,7 @@ def _audit_model(job: _ModelCells, emit) -> None:
 def _grid_warnings(config: AuditConfig) -> list[str]:
     """Attacks that round onto the grid the target's base weights came from (e.g. a model fetched from a
     Q4_1 GGUF file): on such a grid small updates snap back to the base model by construction."""
-    from relapse.models.fetch import grid_warning
+    from relapse.attacks.provenance import grid_warning
 
     found = (grid_warning(name, config.target) for name in config.attacks)
     return [warning for warning in found if warning]

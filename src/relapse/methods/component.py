@@ -28,7 +28,7 @@ import torch
 
 from relapse.data.batching import Example, collate
 from relapse.errors import ConfigError
-from relapse.methods.loop import to_device
+from relapse.training.loop import to_device
 
 if TYPE_CHECKING:
     from relapse.methods.unlearn import UnlearnConfig

@@ -3,7 +3,7 @@
 ``unlearn_model`` loads the starting model, prepares forget and retain examples, computes what the
 reference (the starting model) contributes once up front when it fits in memory (NPO's sequence
 log-likelihoods, KLR's next-token distributions) and otherwise keeps a frozen copy, builds SURE's mask
-if asked, then runs :func:`relapse.methods.loop.run_loop` and saves the result with ``unlearn.json``.
+if asked, then runs :func:`relapse.training.loop.run_loop` and saves the result with ``unlearn.json``.
 
 Everything runs on one device (``device``: a GPU when there is one, by default): the model, the frozen
 reference copy, the precomputed reference values (stored on that device, where the losses use them) and
@@ -29,24 +29,12 @@ from relapse.data.prompts import qa_prompt, qa_text
 from relapse.errors import ConfigError
 from relapse.methods import losses
 from relapse.methods.component import Reference, RunContext, chunks, indexed_batch, model_inputs
-from relapse.methods.loop import (
-    SCHEDULES,
-    LoopConfig,
-    check_loop_options,
-    claim_work_dir,
-    model_device,
-    run_loop,
-    save_run,
-    to_device,
-)
-from relapse.methods.parallel import world_size
 from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
 from relapse.methods.robust import RobustObjective, check_grids
 from relapse.methods.select import DEFAULT_UTILITY_FLOOR, select_run, utility_check
 from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
 from relapse.metrics.qa import qa_recall
-from relapse.models.io import BFLOAT16_EMULATED, PRECISIONS, load_model, reuse_or_claim
-from relapse.models.train import model_identity
+from relapse.models.io import BFLOAT16_EMULATED, PRECISIONS, load_model, model_identity, reuse_or_claim
 from relapse.runtime import (
     cache_dir,
     cached_json,
@@ -57,6 +45,17 @@ from relapse.runtime import (
     set_threads,
     stable_hash,
 )
+from relapse.training.loop import (
+    SCHEDULES,
+    LoopConfig,
+    check_loop_options,
+    claim_work_dir,
+    model_device,
+    run_loop,
+    save_run,
+    to_device,
+)
+from relapse.training.parallel import world_size
 
 RECORD_NAME = "unlearn.json"
 UNLEARN_VERSION = 1

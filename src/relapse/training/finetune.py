@@ -21,15 +21,14 @@ from relapse.data.batching import EpochSampler, collate, tokenize_for_lm
 from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
-from relapse.methods.loop import LoopConfig, check_loop_options, claim_work_dir, run_loop, save_run
-from relapse.methods.parallel import world_size
 from relapse.metrics.qa import qa_recall
 from relapse.models.io import (
     BFLOAT16_EMULATED,
     PRECISIONS,
+    TRAIN_RECORD,
     apply_precision_,
     load_model,
-    read_record,
+    model_identity,
     reuse_or_claim,
 )
 from relapse.models.tiny import TinyConfig, build_tiny
@@ -42,11 +41,13 @@ from relapse.runtime import (
     set_threads,
     stable_hash,
 )
+from relapse.training.loop import LoopConfig, check_loop_options, claim_work_dir, run_loop, save_run
+from relapse.training.parallel import world_size
 
 log = logging.getLogger(__name__)
 
 TRAIN_SPLITS = ("forget+retain", "retain")
-RECORD_NAME = "train.json"
+RECORD_NAME = TRAIN_RECORD
 #: Bump when a change to training would give different weights for the same settings.
 TRAIN_VERSION = 1
 
@@ -103,17 +104,6 @@ class TrainResult:
     path: Path
     record: dict[str, Any]
     cached: bool
-
-
-def model_identity(name_or_path: str) -> str:
-    """A stable identity for a starting model: its relapse cache key, its weights' hash, or its hub id."""
-    record = read_record(name_or_path, RECORD_NAME)
-    if record and "cache_key" in record:
-        return f"relapse:{record['cache_key']}"
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
-        return "files:" + hash_files(sorted(folder.glob("*.safetensors")))
-    return f"hub:{name_or_path}"
 
 
 def train_cache_key(data_dir: Path, config: TrainConfig, base: str | None) -> str:
