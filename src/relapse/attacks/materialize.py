@@ -11,13 +11,11 @@ from relapse.attacks.diagnostics import weight_diagnostics
 from relapse.attacks.registry import get_attack
 from relapse.attacks.rtn import parse_rtn_name
 from relapse.data.benchmark import benchmark_files, load_benchmark
-from relapse.models.io import load_model, model_identity, reuse_or_claim, save_model
+from relapse.models.cached_run import open_cached_run
+from relapse.models.io import load_model, model_identity, save_model
 from relapse.runtime import (
     hash_files,
-    package_versions,
     resolve_device,
-    seed_everything,
-    set_threads,
     stable_hash,
 )
 
@@ -58,12 +56,10 @@ def materialize(
             "calibration": stable_hash(calibration_texts) if calibration_texts else None,
         }
     )
-    out = Path(out)
-    existing = reuse_or_claim(out, key, RECORD_NAME, overwrite)
-    if existing is not None:
-        return out, existing, True
-    threads_used = set_threads(threads)
-    seed_everything(seed)
+    opened = open_cached_run(out, key, RECORD_NAME, overwrite)
+    if opened.cached:
+        return opened.out, opened.existing, True
+    opened.start(threads, seed)
     net, tokenizer = load_model(str(model), device=str(target))
     context = AttackContext(
         tokenizer=tokenizer,
@@ -82,14 +78,11 @@ def materialize(
         "attack_kind": attack.kind,
         "model": str(model),
         "model_identity": model_identity(str(model)),
-        "seed": seed,
-        "threads": threads_used,
-        "device": str(target),
-        "versions": package_versions(),
+        **opened.provenance(seed, target),
         "info": info,
     }
-    save_model(net, tokenizer, out, record, RECORD_NAME)
-    return out, record, False
+    save_model(net, tokenizer, opened.out, record, RECORD_NAME)
+    return opened.out, record, False
 
 
 def diff_models(

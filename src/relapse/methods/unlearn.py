@@ -34,15 +34,12 @@ from relapse.methods.robust import RobustObjective, check_grids
 from relapse.methods.select import DEFAULT_UTILITY_FLOOR, select_run, utility_check
 from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
 from relapse.metrics.qa import qa_recall
-from relapse.models.io import BFLOAT16_EMULATED, PRECISIONS, load_model, model_identity, reuse_or_claim
+from relapse.models.cached_run import open_cached_run
+from relapse.models.io import BFLOAT16_EMULATED, PRECISIONS, load_model, model_identity
 from relapse.runtime import (
-    cache_dir,
     cached_json,
     hash_files,
-    package_versions,
     resolve_device,
-    seed_everything,
-    set_threads,
     stable_hash,
 )
 from relapse.training.loop import (
@@ -291,18 +288,16 @@ def unlearn_model(
     data_dir = Path(data_dir)
     benchmark = load_benchmark(data_dir)
     key = unlearn_cache_key(str(model), data_dir, config)
-    out_path = Path(out) if out is not None else cache_dir() / "unlearned" / key
-    existing = reuse_or_claim(out_path, key, RECORD_NAME, overwrite)
-    if existing is not None:
-        return UnlearnResult(out_path, existing, cached=True)
+    opened = open_cached_run(out, key, RECORD_NAME, overwrite, cache="unlearned")
+    if opened.cached:
+        return UnlearnResult(opened.out, opened.existing, cached=True)
     if config.select_lr is not None:
 
         def run_one(candidate: UnlearnConfig) -> UnlearnResult:
             return unlearn_model(model, data_dir, None, candidate, threads, False, progress, device)
 
-        return select_run(model, data_dir, out_path, key, config, run_one)
-    threads_used = set_threads(threads)
-    seed_everything(config.seed)
+        return select_run(model, data_dir, opened.out, key, config, run_one)
+    opened.start(threads, config.seed)
     net, tokenizer = load_model(str(model), dtype=config.weights, device=str(target))
     pad_id = tokenizer.pad_token_id
     forget = _examples(benchmark, "forget", config, tokenizer)
@@ -433,7 +428,7 @@ def unlearn_model(
         batch_for_step,
         loss_fn,
         run_key=key,
-        work_dir=claim_work_dir(out_path, key, overwrite),
+        work_dir=claim_work_dir(opened.out, key, overwrite),
         evaluate=check,
         should_stop=should_stop,
         progress=progress,
@@ -459,11 +454,7 @@ def unlearn_model(
         "model": str(model),
         "model_identity": model_identity(str(model)),
         "data": {"path": str(data_dir.resolve()), "hash": hash_files(benchmark_files(data_dir))},
-        "seed": config.seed,
-        "threads": threads_used,
-        "device": str(target),
-        "world_size": world_size(),
-        "versions": package_versions(),
+        **opened.provenance(config.seed, target, world_size()),
         "reference": reference.mode,
         "terms": {t.name: t.describe() for t in (forget_term, retain_term) if t is not None},
         "robust": robust.describe() if robust is not None else None,
@@ -475,8 +466,8 @@ def unlearn_model(
         "sure": sure,
         **result.to_dict(),
     }
-    save_run(net, tokenizer, out_path, record, RECORD_NAME)
-    return UnlearnResult(out_path, record, cached=False)
+    save_run(net, tokenizer, opened.out, record, RECORD_NAME)
+    return UnlearnResult(opened.out, record, cached=False)
 
 
 def _wrap_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:

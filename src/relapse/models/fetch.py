@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from relapse.errors import ConfigError, ModelError
-from relapse.runtime import RECORDED_PACKAGES, package_versions, set_threads, stable_hash
+from relapse.runtime import RECORDED_PACKAGES, package_versions, stable_hash
 
 #: Name of the provenance record saved beside a fetched model.
 RECORD_NAME = "fetch.json"
@@ -294,7 +294,8 @@ def fetch_model(
         ConfigError: unknown name, package or ``gguf`` not installed, ``out`` taken or a file.
         ModelError: the file is damaged or transformers cannot load it.
     """
-    from relapse.models.io import reuse_or_claim, save_model
+    from relapse.models.cached_run import open_cached_run
+    from relapse.models.io import save_model
 
     source = get_source(name)
     out = Path(out).expanduser()
@@ -308,10 +309,11 @@ def fetch_model(
             f"reinstall {located.package}"
         )
     key = stable_hash({"fetch_version": FETCH_VERSION, "model": source.name, "sha256": digest})
-    if reuse_or_claim(out, key, RECORD_NAME, overwrite) is not None:
+    opened = open_cached_run(out, key, RECORD_NAME, overwrite)
+    if opened.cached:
         return out
     _require_gguf()
-    set_threads(threads)
+    opened.start(threads, seed=None)  # nothing random: converting a file
     start = time.perf_counter()
     gguf_info = inspect_gguf(located.path)
     model, tokenizer = _load_gguf(located.path.parent, located.path.name, progress)

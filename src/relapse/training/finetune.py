@@ -22,6 +22,7 @@ from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
 from relapse.metrics.qa import qa_recall
+from relapse.models.cached_run import open_cached_run
 from relapse.models.io import (
     BFLOAT16_EMULATED,
     PRECISIONS,
@@ -29,16 +30,11 @@ from relapse.models.io import (
     apply_precision_,
     load_model,
     model_identity,
-    reuse_or_claim,
 )
 from relapse.models.tiny import TinyConfig, build_tiny
 from relapse.runtime import (
-    cache_dir,
     hash_files,
-    package_versions,
     resolve_device,
-    seed_everything,
-    set_threads,
     stable_hash,
 )
 from relapse.training.loop import LoopConfig, check_loop_options, claim_work_dir, run_loop, save_run
@@ -145,12 +141,10 @@ def train_model(
     target = resolve_device(device)  # a bad --device fails before any work
     benchmark = load_benchmark(data_dir)
     key = train_cache_key(data_dir, config, base)
-    out_path = Path(out) if out is not None else cache_dir() / "models" / key
-    existing = reuse_or_claim(out_path, key, RECORD_NAME, overwrite)
-    if existing is not None:
-        return TrainResult(out_path, existing, cached=True)
-    threads_used = set_threads(threads)
-    seed_everything(config.seed)
+    opened = open_cached_run(out, key, RECORD_NAME, overwrite, cache="models")
+    if opened.cached:
+        return TrainResult(opened.out, opened.existing, cached=True)
+    opened.start(threads, config.seed)
     if base is None:
         # Built (and initialised) on the CPU, so the starting weights are the same on every device.
         model, tokenizer = build_tiny(config.tiny, benchmark, seed=config.seed)
@@ -184,7 +178,7 @@ def train_model(
         batch_for_step,
         loss_fn,
         run_key=key,
-        work_dir=claim_work_dir(out_path, key, overwrite),
+        work_dir=claim_work_dir(opened.out, key, overwrite),
         evaluate=evaluate,
         should_stop=should_stop,
         progress=progress,
@@ -212,14 +206,10 @@ def train_model(
             "hash": hash_files(benchmark_files(data_dir)),
             "meta": benchmark.meta,
         },
-        "seed": config.seed,
-        "threads": threads_used,
-        "device": str(target),
-        "world_size": world_size(),
-        "versions": package_versions(),
+        **opened.provenance(config.seed, target, world_size()),
         "parameters": sum(p.numel() for p in model.parameters()),
         "final": final,
         **result.to_dict(),
     }
-    save_run(model, tokenizer, out_path, record, RECORD_NAME)
-    return TrainResult(out_path, record, cached=False)
+    save_run(model, tokenizer, opened.out, record, RECORD_NAME)
+    return TrainResult(opened.out, record, cached=False)
