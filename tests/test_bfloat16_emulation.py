@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from relapse.errors import ConfigError
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.models.io import round_to_bfloat16_
+from relapse.runtime import RunContext
 from relapse.training.finetune import TrainConfig
 from relapse.training.loop import LoopConfig, run_loop
 
@@ -106,7 +107,7 @@ def test_unlearning_with_emulated_bfloat16_matches_real(trained_small, small_ben
             small_benchmark_dir,
             tmp_path / weights,
             UnlearnConfig(weights=weights, **settings),
-            progress=False,
+            run=RunContext(progress=False),
         )
         for weights in ("bfloat16-emulated", "bfloat16")
     }

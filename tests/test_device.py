@@ -16,7 +16,7 @@ from relapse.cli import main
 from relapse.errors import ConfigError
 from relapse.experiment import parse_experiment, shipped_experiment
 from relapse.methods.sure import select_top
-from relapse.runtime import check_device_name, resolve_device
+from relapse.runtime import RunContext, check_device_name, resolve_device
 from relapse.training import loop as loop_module
 from relapse.training.loop import LoopConfig, run_loop, to_device
 from tests.test_experiment import VALID, with_change
@@ -216,6 +216,9 @@ def test_the_device_is_not_in_the_training_cache_key(trained_small, small_benchm
     from tests.conftest import small_train_config
 
     again = train_model(
-        small_benchmark_dir, trained_small.path, small_train_config(), progress=False, device="cpu"
+        small_benchmark_dir,
+        trained_small.path,
+        small_train_config(),
+        run=RunContext(progress=False, device="cpu"),
     )
     assert again.cached and again.record["cache_key"] == trained_small.record["cache_key"]

@@ -35,6 +35,7 @@ from relapse.models.fetch import (
     locate_smollm2_gguf,
 )
 from relapse.models.io import load_model
+from relapse.runtime import RunContext
 
 
 def _smollm2_installed() -> bool:
@@ -228,7 +229,7 @@ def test_fetch_writes_a_loadable_folder_with_provenance(tiny_source, tiny_gguf, 
 
 def test_second_fetch_is_a_no_op_and_other_content_needs_overwrite(tiny_source, tmp_path, capsys):
     out = tmp_path / "tiny"
-    fetch_model(tiny_source, out, measure_grid, progress=False)
+    fetch_model(tiny_source, out, measure_grid, run=RunContext(progress=False))
     weights = out / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     args = _cli("models", "fetch", tiny_source, "--out", str(out))
@@ -240,9 +241,9 @@ def test_second_fetch_is_a_no_op_and_other_content_needs_overwrite(tiny_source, 
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="--overwrite"):
-        fetch_model(tiny_source, other, measure_grid, progress=False)
+        fetch_model(tiny_source, other, measure_grid, run=RunContext(progress=False))
     assert (other / "notes.txt").read_text() == "mine"
-    fetch_model(tiny_source, other, measure_grid, overwrite=True, progress=False)
+    fetch_model(tiny_source, other, measure_grid, run=RunContext(progress=False, overwrite=True))
     assert not (other / "notes.txt").exists() and (other / "fetch.json").exists()
 
 
@@ -346,7 +347,7 @@ def test_smollm2_decoder_weights_are_exact_fixed_points_of_gguf_q4_1():
 @pytest.fixture(scope="module")
 def fetched_smollm2(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
-    return fetch_model("smollm2-135m", out, measure_grid, progress=False)
+    return fetch_model("smollm2-135m", out, measure_grid, run=RunContext(progress=False))
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.models.cached_run import open_cached_run
 from relapse.models.io import load_model, model_identity, save_model
 from relapse.runtime import (
+    RunContext,
     hash_files,
     resolve_device,
     stable_hash,
@@ -30,20 +31,18 @@ def materialize(
     include_embeddings: bool = False,
     include_lm_head: bool = False,
     seed: int = 0,
-    threads: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
     calibration: str | Path | None = None,
-    device: str | None = "auto",
+    run: RunContext | None = None,
 ) -> tuple[Path, dict[str, Any], bool]:
     """Apply ``attack_name`` to ``model`` and save the attacked model with ``attack.json``.
 
     Returns ``(path, record, cached)``; an ``out`` already holding this exact result is returned as is.
-    The attack runs on ``device`` (``auto``: a GPU when there is one); the device is recorded but is not
-    part of the cache key, like the thread count.
+    The attack runs on ``run.device`` (``auto``: a GPU when there is one); the device is recorded but is
+    not part of the cache key, like the thread count.
     """
+    run = run or RunContext()
     attack = get_attack(attack_name)
-    target = resolve_device(device)
+    target = resolve_device(run.device)
     calibration_texts = read_calibration_file(calibration) if calibration else []
     key = stable_hash(
         {
@@ -56,10 +55,10 @@ def materialize(
             "calibration": stable_hash(calibration_texts) if calibration_texts else None,
         }
     )
-    opened = open_cached_run(out, key, RECORD_NAME, overwrite)
+    opened = open_cached_run(out, key, RECORD_NAME, run.overwrite)
     if opened.cached:
         return opened.out, opened.existing, True
-    opened.start(threads, seed)
+    opened.start(run.threads, seed)
     net, tokenizer = load_model(str(model), device=str(target))
     context = AttackContext(
         tokenizer=tokenizer,
@@ -67,7 +66,7 @@ def materialize(
         include_embeddings=include_embeddings,
         include_lm_head=include_lm_head,
         seed=seed,
-        progress=progress,
+        progress=run.progress,
         calibration_texts=calibration_texts,
     )
     info = attack.apply(net, context)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from relapse.errors import ConfigError, ModelError
-from relapse.runtime import RECORDED_PACKAGES, package_versions, stable_hash
+from relapse.runtime import RECORDED_PACKAGES, RunContext, package_versions, stable_hash
 
 #: Name of the provenance record saved beside a fetched model.
 RECORD_NAME = "fetch.json"
@@ -274,9 +274,7 @@ def fetch_model(
     name: str,
     out: str | Path,
     measure_grid: GridMeasure,
-    overwrite: bool = False,
-    threads: int | None = None,
-    progress: bool = True,
+    run: RunContext | None = None,
 ) -> Path:
     """Write the fetchable model ``name`` to ``out`` as a Hugging Face folder and return ``out``.
 
@@ -286,9 +284,10 @@ def fetch_model(
     :func:`relapse.attacks.provenance.measure_grid`: the measurement needs the attacks' quantizer, which
     stands above the models), the note on that grid, and package versions. Fetching the same
     file into the same folder again returns at once; a folder holding anything else is refused unless
-    ``overwrite``. Writing goes to a temporary folder beside ``out`` that replaces it at the end, so an
-    interrupted fetch never leaves a half-written model. ``threads``: torch threads (``None``: relapse's
-    default); ``progress``: show transformers' conversion bar.
+    ``run.overwrite``. Writing goes to a temporary folder beside ``out`` that replaces it at the end, so an
+    interrupted fetch never leaves a half-written model. ``run.threads``: torch threads (``None``:
+    relapse's default); ``run.progress``: show transformers' conversion bar; the device is not used (the
+    conversion runs on the CPU).
 
     Raises:
         ConfigError: unknown name, package or ``gguf`` not installed, ``out`` taken or a file.
@@ -297,6 +296,7 @@ def fetch_model(
     from relapse.models.cached_run import open_cached_run
     from relapse.models.io import save_model
 
+    run = run or RunContext()
     source = get_source(name)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
@@ -309,14 +309,14 @@ def fetch_model(
             f"reinstall {located.package}"
         )
     key = stable_hash({"fetch_version": FETCH_VERSION, "model": source.name, "sha256": digest})
-    opened = open_cached_run(out, key, RECORD_NAME, overwrite)
+    opened = open_cached_run(out, key, RECORD_NAME, run.overwrite)
     if opened.cached:
         return out
     _require_gguf()
-    opened.start(threads, seed=None)  # nothing random: converting a file
+    opened.start(run.threads, seed=None)  # nothing random: converting a file
     start = time.perf_counter()
     gguf_info = inspect_gguf(located.path)
-    model, tokenizer = _load_gguf(located.path.parent, located.path.name, progress)
+    model, tokenizer = _load_gguf(located.path.parent, located.path.name, run.progress)
     load_s = time.perf_counter() - start
     grid = measure_grid(gguf_info, model)
     record = {

@@ -33,6 +33,7 @@ from relapse.models.io import (
 )
 from relapse.models.tiny import TinyConfig, build_tiny
 from relapse.runtime import (
+    RunContext,
     hash_files,
     resolve_device,
     stable_hash,
@@ -119,10 +120,7 @@ def train_model(
     out: str | Path | None,
     config: TrainConfig | None = None,
     base: str | None = None,
-    threads: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    device: str | None = "auto",
+    run: RunContext | None = None,
 ) -> TrainResult:
     """Train (or fetch from cache) a model on a benchmark and save it to ``out``.
 
@@ -131,20 +129,19 @@ def train_model(
         out: where to save the model; ``None`` uses the cache (``$RELAPSE_CACHE/models/<key>``).
         config: training settings; defaults train a tiny model on forget + retain.
         base: a model folder or hub id to fine-tune; ``None`` builds a tiny Llama from scratch.
-        threads: torch threads (``None``: ``$RELAPSE_THREADS`` or 1).
-        overwrite: replace a different model already at ``out``.
-        progress: show a progress bar.
-        device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``; not in the cache key.
+        run: threads, progress bar, whether to replace a different model already at ``out``, and the
+            device (``auto``: a GPU when there is one; not in the cache key).
     """
     config = config or TrainConfig()
+    run = run or RunContext()
     data_dir = Path(data_dir)
-    target = resolve_device(device)  # a bad --device fails before any work
+    target = resolve_device(run.device)  # a bad --device fails before any work
     benchmark = load_benchmark(data_dir)
     key = train_cache_key(data_dir, config, base)
-    opened = open_cached_run(out, key, RECORD_NAME, overwrite, cache="models")
+    opened = open_cached_run(out, key, RECORD_NAME, run.overwrite, cache="models")
     if opened.cached:
         return TrainResult(opened.out, opened.existing, cached=True)
-    opened.start(threads, config.seed)
+    opened.start(run.threads, config.seed)
     if base is None:
         # Built (and initialised) on the CPU, so the starting weights are the same on every device.
         model, tokenizer = build_tiny(config.tiny, benchmark, seed=config.seed)
@@ -178,10 +175,10 @@ def train_model(
         batch_for_step,
         loss_fn,
         run_key=key,
-        work_dir=claim_work_dir(opened.out, key, overwrite),
+        work_dir=claim_work_dir(opened.out, key, run.overwrite),
         evaluate=evaluate,
         should_stop=should_stop,
-        progress=progress,
+        progress=run.progress,
         description=f"train {config.on}",
         emulate_bfloat16=config.dtype == BFLOAT16_EMULATED,
     )
