@@ -25,7 +25,8 @@ from relapse.metrics.engine import EvalSettings, Evaluator
 from relapse.metrics.generation import _cut_at_stop
 from relapse.metrics.rouge import rouge_l
 from relapse.models import TinyConfig, build_tiny, load_model
-from relapse.models.train import TrainConfig, train_model
+from relapse.runtime import RunContext
+from relapse.training.finetune import TrainConfig, train_model
 
 
 def reference_generate(model, tokenizer, prompts, max_new_tokens, stops) -> list[str]:
@@ -164,7 +165,9 @@ def main() -> None:
         data = Path(tmp) / "data"
         synth_benchmark(people=args.people).save(data)
         benchmark = load_benchmark(data)
-        trained = train_model(data, None, TrainConfig(eval_every=50), threads=args.threads, progress=False)
+        trained = train_model(
+            data, None, TrainConfig(eval_every=50), run=RunContext(threads=args.threads, progress=False)
+        )
         model, tokenizer = load_model(trained.path)
         model.to(device).eval()
         print(f"tiny trained model on {args.people} people, {device}, {args.threads} thread(s)")

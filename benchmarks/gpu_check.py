@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from relapse.runtime import RunContext
+
 RESULTS: list[tuple[str, str, str]] = []  # (status, name, detail)
 
 
@@ -101,7 +103,7 @@ def pipeline(device: str, data: Path, out: Path, args, bnb: bool, watch: DeviceW
     """Train, unlearn and audit on ``device``; returns paths, records and timings."""
     from relapse.audit.sweep import AuditConfig, run_audit
     from relapse.methods.unlearn import UnlearnConfig, unlearn_model
-    from relapse.models.train import TrainConfig, train_model
+    from relapse.training.finetune import TrainConfig, train_model
 
     watch.reset()
     started = time.perf_counter()
@@ -109,7 +111,7 @@ def pipeline(device: str, data: Path, out: Path, args, bnb: bool, watch: DeviceW
     config = TrainConfig(
         max_steps=args.train_steps, eval_every=50, checkpoint_every=50, stop_recall=None, seed=1
     )
-    run["target"] = train_model(data, out / "target", config, progress=False, device=device)
+    run["target"] = train_model(data, out / "target", config, run=RunContext(progress=False, device=device))
     common = {"max_steps": args.unlearn_steps, "eval_every": args.unlearn_steps, "batch_size": 8}
     methods = {
         "npo+gdr": UnlearnConfig(method="npo+gdr", lr=1e-4, alpha=1.0, **common),
@@ -119,7 +121,11 @@ def pipeline(device: str, data: Path, out: Path, args, bnb: bool, watch: DeviceW
     }
     for label, unlearn_config in methods.items():
         run["unlearned"][label] = unlearn_model(
-            run["target"].path, data, out / label, unlearn_config, progress=False, device=device
+            run["target"].path,
+            data,
+            out / label,
+            unlearn_config,
+            run=RunContext(progress=False, device=device),
         )
     attacks = ["rtn-w4-g128", "gptq-w4-g128", *(["bnb-nf4"] if bnb else []), "relearn-retain-5"]
     audit = AuditConfig(
@@ -132,7 +138,7 @@ def pipeline(device: str, data: Path, out: Path, args, bnb: bool, watch: DeviceW
         | {str(run["target"].path): "target"},
         device=device,
     )
-    run["audit"] = run_audit(audit, out / "audit", progress=False, log=None)
+    run["audit"] = run_audit(audit, out / "audit", run=RunContext(progress=False, log=None))
     run["seconds"] = time.perf_counter() - started
     run["forward_weights"], run["forward_inputs"], run["forwards"] = watch.weights, watch.inputs, watch.calls
     print(f"{device}: pipeline took {run['seconds']:.1f} s ({watch.calls} embedding lookups)", flush=True)
@@ -218,8 +224,8 @@ def check_checkpoint_resume(target_path: Path, data: Path, work: Path, device: s
     """Kill a short run after its checkpoint, resume it on ``device``, compare with an uninterrupted run."""
     from relapse.data.batching import EpochSampler, collate, tokenize_for_lm
     from relapse.data.benchmark import load_benchmark
-    from relapse.methods.loop import CHECKPOINT_DIR, LoopConfig, run_loop
     from relapse.models.io import load_model
+    from relapse.training.loop import CHECKPOINT_DIR, LoopConfig, run_loop
 
     benchmark = load_benchmark(data)
     _, tokenizer = load_model(str(target_path))

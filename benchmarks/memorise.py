@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from relapse.data import synth_benchmark
-from relapse.models.train import TrainConfig, train_model
+from relapse.runtime import RunContext
+from relapse.training.finetune import TrainConfig, train_model
 
 
 def main() -> None:
@@ -27,7 +28,9 @@ def main() -> None:
         synth_benchmark(people=args.people, facts_per_person=args.facts_per_person).save(data)
         config = TrainConfig(eval_every=args.eval_every, max_steps=args.max_steps)
         started = time.perf_counter()
-        result = train_model(data, Path(tmp) / "model", config, threads=args.threads, progress=False)
+        result = train_model(
+            data, Path(tmp) / "model", config, run=RunContext(threads=args.threads, progress=False)
+        )
         wall = time.perf_counter() - started
     record = result.record
     print(

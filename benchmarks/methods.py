@@ -17,7 +17,8 @@ from pathlib import Path
 from relapse.data import synth_benchmark
 from relapse.methods.registry import method_names
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
-from relapse.models.train import TrainConfig, train_model
+from relapse.runtime import RunContext
+from relapse.training.finetune import TrainConfig, train_model
 
 
 def main() -> None:
@@ -34,7 +35,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         synth_benchmark(people=args.people).save(data)
-        target = train_model(data, None, TrainConfig(eval_every=50), threads=args.threads, progress=False)
+        target = train_model(
+            data, None, TrainConfig(eval_every=50), run=RunContext(threads=args.threads, progress=False)
+        )
         print(
             f"target: {target.record['steps']} steps, {target.record['wall_time_s']:.0f} s, "
             f"recall {target.record['final']}"
@@ -61,9 +64,7 @@ def main() -> None:
                 data,
                 Path(tmp) / "u",
                 config,
-                threads=args.threads,
-                overwrite=True,
-                progress=False,
+                run=RunContext(threads=args.threads, progress=False, overwrite=True),
             )
             r = result.record
             label = method + (

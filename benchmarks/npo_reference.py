@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from relapse.runtime import RunContext
+
 
 def child(model: str, data: str, method: str, reference: str, steps: int, threads: int) -> None:
     from relapse.methods.unlearn import UnlearnConfig, unlearn_model
@@ -27,7 +29,9 @@ def child(model: str, data: str, method: str, reference: str, steps: int, thread
         method=method, reference=reference, max_steps=steps, eval_every=10_000, batch_size=8
     )
     with tempfile.TemporaryDirectory() as out:
-        result = unlearn_model(model, data, Path(out) / "u", config, threads=threads, progress=False)
+        result = unlearn_model(
+            model, data, Path(out) / "u", config, run=RunContext(threads=threads, progress=False)
+        )
     total = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"step_s": result.record["wall_time_s"] / steps, "total_s": total, "peak_mb": peak_mb}))

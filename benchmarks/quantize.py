@@ -20,7 +20,8 @@ import torch
 from relapse.attacks import AttackContext, applied, get_attack
 from relapse.data import load_benchmark, synth_benchmark
 from relapse.models import TinyConfig, build_tiny, load_model
-from relapse.models.train import TrainConfig, train_model
+from relapse.runtime import RunContext
+from relapse.training.finetune import TrainConfig, train_model
 
 SCHEMES = (
     "rtn-w8-ch",
@@ -76,7 +77,9 @@ def main() -> None:
         data = Path(tmp) / "data"
         synth_benchmark(people=100, general=256).save(data)
         benchmark = load_benchmark(data)
-        trained = train_model(data, None, TrainConfig(eval_every=50), threads=args.threads, progress=False)
+        trained = train_model(
+            data, None, TrainConfig(eval_every=50), run=RunContext(threads=args.threads, progress=False)
+        )
         model, tokenizer = load_model(trained.path)
         print(f"tiny: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, trained")
         measure(model, tokenizer, benchmark, "tiny")

@@ -30,8 +30,8 @@ from relapse.attacks.materialize import materialize
 from relapse.audit.recovery import NO_ATTACK, cell_value
 from relapse.data import synth_benchmark
 from relapse.experiment import parse_experiment, run_experiment
-from relapse.models.train import TrainConfig, train_model
-from relapse.runtime import atomic_write_json, atomic_write_text, package_versions
+from relapse.runtime import RunContext, atomic_write_json, atomic_write_text, package_versions
+from relapse.training.finetune import TrainConfig, train_model
 
 BASE_GRID = "rtn-w4-g64"
 QUANTIZERS = ["rtn-w4-ch", BASE_GRID, "gptq-w4-g64", "bnb-fp4", "bnb-nf4"]
@@ -58,9 +58,14 @@ ROWS: dict[str, dict[str, Any]] = {
 def build_base(data: Path, out: Path, threads: int | None) -> Path:
     """The tiny base model (trained on the retain people) stored on the 4-bit grid."""
     base = train_model(
-        data, None, TrainConfig(on="retain", eval_every=25, seed=0), threads=threads, progress=False
+        data,
+        None,
+        TrainConfig(on="retain", eval_every=25, seed=0),
+        run=RunContext(threads=threads, progress=False),
     )
-    path, _, _ = materialize(str(base.path), BASE_GRID, out, threads=threads, progress=False, device="cpu")
+    path, _, _ = materialize(
+        str(base.path), BASE_GRID, out, run=RunContext(threads=threads, progress=False, device="cpu")
+    )
     return Path(path)
 
 
@@ -240,9 +245,8 @@ def main() -> None:
     result = run_experiment(
         parse_experiment(spec, "robustness-tiny"),
         args.out / "run",
-        threads=args.threads,
-        progress=False,
         jobs=args.jobs,
+        run=RunContext(threads=args.threads, progress=False),
     )
     summary = table(result.results, result.models)
     summary.update(experiment=spec, seed=spec["seed"], versions=package_versions())

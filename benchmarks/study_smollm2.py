@@ -41,7 +41,7 @@ from relapse.experiment import parse_experiment, run_experiment
 from relapse.models.io import load_model
 from relapse.models.parts import decoder_linear_weights
 from relapse.report.build import load_results
-from relapse.runtime import atomic_write_json, atomic_write_text
+from relapse.runtime import RunContext, atomic_write_json, atomic_write_text
 
 NOISE_CONTROL = "noise-like-rtn-w4-g64-sym"
 QUANTIZERS = ["rtn-w4-g64-sym", "rtn-w4-ch", "gptq-w4-g64", "bnb-fp4", "bnb-nf4", "gguf-q4_1"]
@@ -317,7 +317,9 @@ def main() -> None:
             continue
         started = time.perf_counter()
         experiment = parse_experiment(spec, source=spec["name"])
-        result = run_experiment(experiment, args.out / spec["name"], threads=args.threads, progress=False)
+        result = run_experiment(
+            experiment, args.out / spec["name"], run=RunContext(threads=args.threads, progress=False)
+        )
         cell = summarize(spec["name"], result)
         base_path = json.loads((Path(result.models["target"]["path"]) / "train.json").read_text())["base"]
         cell["diagnostics_finetune"] = {

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from relapse.data import synth_benchmark
-from relapse.models.train import TrainConfig, train_model
+from relapse.runtime import RunContext
+from relapse.training.finetune import TrainConfig, train_model
 
 #: A benchmark small enough to memorise in well under a minute on one core.
 SMALL = {"people": 20, "facts_per_person": 3, "forget_frac": 0.2, "seed": 7}
@@ -58,4 +59,6 @@ def trained_small(small_benchmark_dir, tmp_path_factory):
     """The tiny target model trained on the small benchmark (forget + retain), once per session."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("models") / "target"
-    return train_model(small_benchmark_dir, out, small_train_config(), threads=1, progress=False)
+    return train_model(
+        small_benchmark_dir, out, small_train_config(), run=RunContext(threads=1, progress=False)
+    )

@@ -30,7 +30,7 @@ from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.metrics.engine import EvalSettings, Evaluator
 from relapse.models.io import load_model
 from relapse.models.parts import decoder_linear_weights
-from relapse.runtime import atomic_write_json, resolve_device
+from relapse.runtime import RunContext, atomic_write_json, resolve_device
 
 # --- recovery ratios on constructed values -----------------------------------------------------------
 
@@ -245,7 +245,9 @@ def unlearned_small(trained_small, small_benchmark_dir, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("unlearned") / "ga"
     config = UnlearnConfig(method="ga", lr=1e-4, max_steps=5, eval_every=5)
-    return unlearn_model(trained_small.path, small_benchmark_dir, out, config, threads=1, progress=False)
+    return unlearn_model(
+        trained_small.path, small_benchmark_dir, out, config, run=RunContext(threads=1, progress=False)
+    )
 
 
 def folder_digest(path: Path) -> dict[str, str]:
@@ -272,7 +274,7 @@ def audited(trained_small, unlearned_small, small_benchmark_dir, tmp_path_factor
     out = tmp_path_factory.mktemp("audit") / "run"
     before = {p: folder_digest(p) for p in (trained_small.path, unlearned_small.path)}
     config = small_audit_config(trained_small, unlearned_small, small_benchmark_dir)
-    results = run_audit(config, out, threads=1, progress=False, log=None)
+    results = run_audit(config, out, run=RunContext(threads=1, progress=False, log=None))
     return {"out": out, "results": results, "before": before}
 
 
@@ -311,7 +313,9 @@ def test_audit_in_two_processes_equals_one(
     """--jobs 2 audits the two models in two worker processes; every number and item equals one process's."""
     config = small_audit_config(trained_small, unlearned_small, small_benchmark_dir)
     lines: list[str] = []
-    results = run_audit(config, tmp_path / "two", threads=1, progress=False, log=lines.append, jobs=2)
+    results = run_audit(
+        config, tmp_path / "two", jobs=2, run=RunContext(threads=1, progress=False, log=lines.append)
+    )
     one = audited["results"]
     assert lines[0] == "auditing 2 models in 2 processes"
     assert sorted(line.split(":")[0] for line in lines[1:]) == sorted(
@@ -349,7 +353,9 @@ def test_every_privleak_is_relative_to_the_retrained_models_unattacked_auc(
         attacks=["rtn-w4-g128"],
         metrics=["privleak"],
     )
-    results = run_audit(config, tmp_path / "audit", threads=1, progress=False, log=None, jobs=jobs)
+    results = run_audit(
+        config, tmp_path / "audit", jobs=jobs, run=RunContext(threads=1, progress=False, log=None)
+    )
     assert set(results["cells"]) == {
         f"{m}|{a}" for m in ("ga", "target", "target-2") for a in ("none", "rtn-w4-g128")
     }
@@ -464,7 +470,7 @@ def test_interrupted_audit_resumes_computing_only_missing_cells(
 
     config = resume_config(trained_small, unlearned_small, small_benchmark_dir)
     with pytest.raises(Stop):
-        run_audit(config, out, threads=1, progress=False, log=stop_after_three)
+        run_audit(config, out, run=RunContext(threads=1, progress=False, log=stop_after_three))
     first = json.loads((out / "results.json").read_text())
     done = ["target|none", "target|rtn-w8-ch", "target|rtn-w4-g128"]
     assert list(first["cells"]) == done
@@ -486,7 +492,7 @@ def test_interrupted_audit_resumes_computing_only_missing_cells(
     monkeypatch.setattr(sweep, "_measure", counting_measure)
     computed: list[str] = []
     config = resume_config(trained_small, unlearned_small, small_benchmark_dir)
-    results = run_audit(config, out, threads=1, progress=False, log=computed.append)
+    results = run_audit(config, out, run=RunContext(threads=1, progress=False, log=computed.append))
     notes = [line for line in computed if line.startswith("note: ")]
     computed = [line for line in computed if not line.startswith("note: ")]
     assert len(notes) == 1 and "ran on cuda:0" in notes[0]
@@ -505,7 +511,7 @@ def test_interrupted_audit_resumes_computing_only_missing_cells(
     # A third run with the same settings computes nothing.
     measured.clear()
     again = resume_config(trained_small, unlearned_small, small_benchmark_dir)
-    run_audit(again, out, threads=1, progress=False, log=None)
+    run_audit(again, out, run=RunContext(threads=1, progress=False, log=None))
     assert measured == []
 
 
@@ -514,14 +520,14 @@ def test_other_settings_in_the_same_folder_need_overwrite(
 ):
     out = tmp_path / "audit"
     config = resume_config(trained_small, unlearned_small, small_benchmark_dir, attacks=["prune-30"])
-    run_audit(config, out, threads=1, progress=False, log=None)
+    run_audit(config, out, run=RunContext(threads=1, progress=False, log=None))
     before = (out / "results.json").read_bytes()
     other = resume_config(trained_small, unlearned_small, small_benchmark_dir, attacks=["rtn-w8-ch"])
     with pytest.raises(ConfigError, match="overwrite"):
-        run_audit(other, out, threads=1, progress=False, log=None)
+        run_audit(other, out, run=RunContext(threads=1, progress=False, log=None))
     assert (out / "results.json").read_bytes() == before
     other = resume_config(trained_small, unlearned_small, small_benchmark_dir, attacks=["rtn-w8-ch"])
-    results = run_audit(other, out, overwrite=True, threads=1, progress=False, log=None)
+    results = run_audit(other, out, run=RunContext(threads=1, progress=False, overwrite=True, log=None))
     assert set(results["cells"]) == {f"{m}|{a}" for m in ("target", "ga") for a in ("none", "rtn-w8-ch")}
     assert not (out / "items" / "target" / "prune-30.json").exists()  # no stale per-item files
     assert json.loads((out / "results.json").read_text())["config"]["attacks"] == ["rtn-w8-ch"]
@@ -532,7 +538,7 @@ def test_audit_warns_when_an_attack_rounds_onto_the_base_models_grid(
 ):
     """A target fine-tuned from a GGUF Q4_1 file: gguf-q4_1 rounds onto that grid; the audit says so in
     results.json, in its log and in both reports (the grid logic itself is tested in test_fetch.py)."""
-    from relapse.models import fetch
+    from relapse.attacks import provenance
     from relapse.report import build_report
 
     seen = []
@@ -541,12 +547,12 @@ def test_audit_warns_when_an_attack_rounds_onto_the_base_models_grid(
         seen.append((attack, str(model_dir)))
         return f"{attack} rounds onto the base grid" if attack == "prune-30" else None
 
-    monkeypatch.setattr(fetch, "grid_warning", fake_warning)
+    monkeypatch.setattr(provenance, "grid_warning", fake_warning)
     config = resume_config(
         trained_small, unlearned_small, small_benchmark_dir, attacks=["rtn-w8-ch", "prune-30"]
     )
     logged: list[str] = []
-    results = run_audit(config, tmp_path / "a", threads=1, progress=False, log=logged.append)
+    results = run_audit(config, tmp_path / "a", run=RunContext(threads=1, progress=False, log=logged.append))
     assert results["warnings"] == ["prune-30 rounds onto the base grid"]
     assert ("rtn-w8-ch", str(trained_small.path)) in seen
     assert "warning: prune-30 rounds onto the base grid" in logged

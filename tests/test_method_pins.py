@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from relapse.data import synth_benchmark
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
-from relapse.models.train import TrainConfig, train_model
+from relapse.runtime import RunContext
+from relapse.training.finetune import TrainConfig, train_model
 
 RUNS: dict[str, dict] = {
     "ga": {"method": "ga"},
@@ -67,7 +68,7 @@ def pin_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pins")
     synth_benchmark(people=12, facts_per_person=3, forget_frac=0.25, seed=3).save(root / "bench")
     config = TrainConfig(max_steps=40, eval_every=40, checkpoint_every=1000, seed=2)
-    target = train_model(root / "bench", root / "target", config, threads=1, progress=False)
+    target = train_model(root / "bench", root / "target", config, run=RunContext(threads=1, progress=False))
     return root, target.path
 
 
@@ -76,5 +77,7 @@ def test_method_weights_are_pinned(pin_setup, name):
     root, target = pin_setup
     settings = {"batch_size": 8, "max_steps": 5, "lr": 1e-4, "eval_every": 100, "checkpoint_every": 1000}
     config = UnlearnConfig(**{**settings, **RUNS[name]})
-    result = unlearn_model(target, root / "bench", root / name, config, threads=1, progress=False)
+    result = unlearn_model(
+        target, root / "bench", root / name, config, run=RunContext(threads=1, progress=False)
+    )
     assert weights_digest(result.path) == PINS[name]

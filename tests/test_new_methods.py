@@ -33,11 +33,12 @@ from relapse.data import load_benchmark
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
 from relapse.methods import losses
-from relapse.methods.loop import LoopConfig, run_loop
 from relapse.methods.registry import parse_method
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.metrics.qa import qa_recall
 from relapse.models import load_model
+from relapse.runtime import RunContext
+from relapse.training.loop import LoopConfig, run_loop
 
 # ---------------------------------------------------------------------------------------------------
 # SimNPO's loss by hand
@@ -208,7 +209,9 @@ def rmu_run(request, trained_small, small_benchmark_dir, tmp_path_factory):
     the top layer 3 (window 1..3: layer 0's MLP gets gradients there but must not move)."""
     out = tmp_path_factory.mktemp("rmu") / "rmu"
     config = UnlearnConfig(**RMU_SETTINGS, rmu_layer=request.param)
-    return config, unlearn_model(trained_small.path, small_benchmark_dir, out, config, progress=False)
+    return config, unlearn_model(
+        trained_small.path, small_benchmark_dir, out, config, run=RunContext(progress=False)
+    )
 
 
 def test_rmu_moves_only_the_mlp_weights_of_the_three_layers_up_to_the_steered_one(rmu_run, trained_small):
@@ -264,7 +267,13 @@ def test_rmu_method_name_and_configuration_errors(trained_small, small_benchmark
     for i, layer in enumerate([4, -1]):  # the tiny model has layers 0..3
         config = UnlearnConfig(**{**RMU_SETTINGS, "max_steps": 1}, rmu_layer=layer)
         with pytest.raises(ConfigError, match="rmu-layer"):
-            unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / str(i), config, progress=False)
+            unlearn_model(
+                trained_small.path,
+                small_benchmark_dir,
+                tmp_path / str(i),
+                config,
+                run=RunContext(progress=False),
+            )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -386,7 +395,9 @@ def test_sam_keeps_sure_frozen_weights_bit_identical(trained_small, small_benchm
         eval_every=100,
         checkpoint_every=1000,
     )
-    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "sam", config, progress=False)
+    result = unlearn_model(
+        trained_small.path, small_benchmark_dir, tmp_path / "sam", config, run=RunContext(progress=False)
+    )
     assert result.record["config"]["sam_rho"] == 0.05
     assert result.record["sure"]["frozen_elements_identical"] is True
 
@@ -411,7 +422,7 @@ def test_simnpo_gdr_lowers_forget_recall(trained_small, small_benchmark_dir, tmp
         checkpoint_every=1000,
     )
     result = unlearn_model(
-        trained_small.path, small_benchmark_dir, tmp_path / "simnpo", config, progress=False
+        trained_small.path, small_benchmark_dir, tmp_path / "simnpo", config, run=RunContext(progress=False)
     )
     assert result.record["method"] == "simnpo+gdr"
     assert start_recall > 0.5

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from relapse.methods.parallel import DataParallel
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+from relapse.runtime import RunContext
+from relapse.training.parallel import DataParallel
 from tests.conftest import weight_distance
 
 
@@ -44,7 +45,7 @@ def test_two_processes_under_accelerate_launch_match_one(trained_small, small_be
         small_benchmark_dir,
         tmp_path / "single",
         UnlearnConfig(method=method, lr=lr, max_steps=steps, eval_every=100),
-        progress=False,
+        run=RunContext(progress=False),
     )
     env = {**os.environ, "RELAPSE_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     command = [

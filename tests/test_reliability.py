@@ -19,12 +19,12 @@ import relapse.methods.losses as losses_module
 import relapse.methods.unlearn as unlearn_module
 from relapse.cli import main
 from relapse.errors import ConfigError, DivergenceError, ModelError, WeightsError
-from relapse.methods.loop import LoopConfig, run_loop, work_dir_for
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.models import load_model, save_model
 from relapse.models.io import _check_loading
-from relapse.models.train import TrainConfig
-from relapse.runtime import LOCK_NAME
+from relapse.runtime import LOCK_NAME, RunContext
+from relapse.training.finetune import TrainConfig
+from relapse.training.loop import LoopConfig, run_loop, work_dir_for
 
 NAN, INF = float("nan"), float("inf")
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
@@ -347,7 +347,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
         method="ga", lr=3e-5, batch_size=4, max_steps=6, checkpoint_every=2, eval_every=100
     )
     with pytest.raises(DivergenceError, match="the loss is nan at step 3 of 6") as error:
-        unlearn_model(trained_small.path, small_benchmark_dir, out, config, progress=False)
+        unlearn_model(trained_small.path, small_benchmark_dir, out, config, run=RunContext(progress=False))
     assert isinstance(error.value, ConfigError)
     assert calls["n"] == 3, "the run stopped at the step whose loss was NaN"
     assert "nothing was saved" in str(error.value) and "\n" not in str(error.value)
@@ -391,8 +391,8 @@ def test_non_finite_gradient_stops_before_the_weights_change():
 def test_overwrite_gets_past_a_stale_or_damaged_checkpoint(
     trained_small, small_benchmark_dir, tmp_path, state
 ):
-    from relapse.methods.loop import work_dir_for
     from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+    from relapse.training.loop import work_dir_for
 
     out = tmp_path / "u"
     checkpoint = work_dir_for(out) / "checkpoint"
@@ -400,11 +400,11 @@ def test_overwrite_gets_past_a_stale_or_damaged_checkpoint(
     (checkpoint / "state.json").write_text(state)
     config = UnlearnConfig(method="ga", max_steps=2, eval_every=100, batch_size=8)
     with pytest.raises(ConfigError, match=r"different run|damaged") as error:
-        unlearn_model(trained_small.path, small_benchmark_dir, out, config, progress=False)
+        unlearn_model(trained_small.path, small_benchmark_dir, out, config, run=RunContext(progress=False))
     assert "--overwrite" in str(error.value) and "\n" not in str(error.value)
     assert not out.exists()
     result = unlearn_model(
-        trained_small.path, small_benchmark_dir, out, config, progress=False, overwrite=True
+        trained_small.path, small_benchmark_dir, out, config, run=RunContext(progress=False, overwrite=True)
     )
     assert result.record["steps"] == 2 and (out / "model.safetensors").is_file()
     assert not work_dir_for(out).exists()  # the finished run drops its work folder

@@ -18,6 +18,7 @@ from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.metrics.qa import qa_recall
 from relapse.models import load_model
 from relapse.models.tiny import TinyConfig, build_tiny
+from relapse.runtime import RunContext
 
 
 def _batch(tokenizer, benchmark, split="forget"):
@@ -99,7 +100,9 @@ def test_first_step_minimises_the_float_plus_the_rounded_loss(trained_small, sma
     config = UnlearnConfig(
         method="ga", robust_to=["rtn-w4-g64"], batch_size=256, max_steps=2, eval_every=100, lr=1e-4
     )
-    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "u", config, progress=False)
+    result = unlearn_model(
+        trained_small.path, small_benchmark_dir, tmp_path / "u", config, run=RunContext(progress=False)
+    )
     model, tokenizer = load_model(trained_small.path)
     batch = _batch(tokenizer, load_benchmark(small_benchmark_dir))
     with torch.no_grad():
@@ -115,7 +118,7 @@ def test_first_step_minimises_the_float_plus_the_rounded_loss(trained_small, sma
         small_benchmark_dir,
         tmp_path / "plain",
         UnlearnConfig(method="ga", batch_size=256, max_steps=2, eval_every=100, lr=1e-4),
-        progress=False,
+        run=RunContext(progress=False),
     )
     assert plain.record["loss_curve"][0] == pytest.approx(-float_nll, abs=1e-4)
 
@@ -136,7 +139,9 @@ def test_the_stop_rule_waits_for_the_rounded_model_to_forget(trained_small, smal
         max_steps=40,
         eval_every=2,
     )
-    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "u", config, progress=False)
+    result = unlearn_model(
+        trained_small.path, small_benchmark_dir, tmp_path / "u", config, run=RunContext(progress=False)
+    )
     history = result.record["history"]
     assert result.record["stopped_early"]
     last = history[-1]

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from relapse.errors import ConfigError
-from relapse.methods.loop import LoopConfig, lr_at
 from relapse.runtime import (
     atomic_write_json,
     default_threads,
@@ -17,6 +16,7 @@ from relapse.runtime import (
     set_threads,
     stable_hash,
 )
+from relapse.training.loop import LoopConfig, lr_at
 
 
 def test_stable_hash_ignores_key_order_but_not_values():

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from relapse.errors import ConfigError, DivergenceError
 from relapse.methods.select import choose, select_run, utility_check
 from relapse.methods.unlearn import UnlearnConfig, UnlearnResult, unlearn_model
+from relapse.runtime import RunContext
 
 
 def _row(lr, reached, forget, retain):
@@ -65,7 +66,9 @@ def test_selection_key_ignores_lr_and_the_order_of_rates():
 def test_selection_needs_a_forget_target(trained_small, small_benchmark_dir, tmp_path):
     config = UnlearnConfig(method="ga", select_lr=[1e-4], max_steps=2)
     with pytest.raises(ConfigError, match="forget target"):
-        unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "sel", config, progress=False)
+        unlearn_model(
+            trained_small.path, small_benchmark_dir, tmp_path / "sel", config, run=RunContext(progress=False)
+        )
 
 
 def test_selection_sweeps_records_and_keeps_the_best_run(trained_small, small_benchmark_dir, tmp_path):
@@ -80,7 +83,9 @@ def test_selection_sweeps_records_and_keeps_the_best_run(trained_small, small_be
         batch_size=8,
         checkpoint_every=1000,
     )
-    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "sel", config, progress=False)
+    result = unlearn_model(
+        trained_small.path, small_benchmark_dir, tmp_path / "sel", config, run=RunContext(progress=False)
+    )
     selection = result.record["selection"]
     rows = {row["lr"]: row for row in selection["candidates"]}
     assert list(rows) == [3e-3, 1e-4, 1e-6, 1e-7]
@@ -103,7 +108,9 @@ def test_selection_sweeps_records_and_keeps_the_best_run(trained_small, small_be
     )
     assert on_disk["utility"]["floor"] == 0.9
     # A second call reads the result instead of sweeping again.
-    again = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "sel", config, progress=False)
+    again = unlearn_model(
+        trained_small.path, small_benchmark_dir, tmp_path / "sel", config, run=RunContext(progress=False)
+    )
     assert again.cached and again.record["selection"]["chosen_lr"] == best["lr"]
 
 

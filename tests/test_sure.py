@@ -95,7 +95,7 @@ def _may_move(param: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
 
 
 def _train(model: torch.nn.Module, mask, batch, steps: int = 3, hooks: bool = True) -> None:
-    """A few AdamW steps with weight decay, hooks placed as in ``relapse.methods.loop``."""
+    """A few AdamW steps with weight decay, hooks placed as in ``relapse.training.loop``."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     model.train()

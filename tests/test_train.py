@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import relapse.models.train as train_module
+import relapse.training.finetune as train_module
 from relapse.data import load_benchmark
 from relapse.errors import ConfigError
 from relapse.metrics.qa import qa_recall
 from relapse.models import load_model
-from relapse.models.train import train_model
+from relapse.runtime import RunContext
+from relapse.training.finetune import train_model
 from tests.conftest import small_train_config
 
 
@@ -34,7 +35,9 @@ def test_tiny_model_memorises_small_benchmark(trained_small, small_benchmark_dir
 def test_second_call_is_a_cache_hit(trained_small, small_benchmark_dir):
     weights = trained_small.path / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    again = train_model(small_benchmark_dir, trained_small.path, small_train_config(), progress=False)
+    again = train_model(
+        small_benchmark_dir, trained_small.path, small_train_config(), run=RunContext(progress=False)
+    )
     assert again.cached
     assert weights.stat().st_mtime_ns == mtime
     assert again.record["cache_key"] == trained_small.record["cache_key"]
@@ -62,7 +65,10 @@ def test_cache_key_depends_on_data_config_and_seed(small_benchmark_dir, tmp_path
 def test_refuses_to_overwrite_a_different_model(trained_small, small_benchmark_dir):
     with pytest.raises(ConfigError, match="--overwrite"):
         train_model(
-            small_benchmark_dir, trained_small.path, small_train_config(seed=5, max_steps=1), progress=False
+            small_benchmark_dir,
+            trained_small.path,
+            small_train_config(seed=5, max_steps=1),
+            run=RunContext(progress=False),
         )
 
 
@@ -72,7 +78,7 @@ def _weights(path):
 
 def test_resume_after_kill_gives_identical_weights(small_benchmark_dir, tmp_path, monkeypatch):
     config = small_train_config(max_steps=12, checkpoint_every=5, eval_every=100, stop_recall=None)
-    straight = train_model(small_benchmark_dir, tmp_path / "straight", config, progress=False)
+    straight = train_model(small_benchmark_dir, tmp_path / "straight", config, run=RunContext(progress=False))
 
     real_collate = train_module.collate
     calls = {"n": 0}
@@ -85,12 +91,12 @@ def test_resume_after_kill_gives_identical_weights(small_benchmark_dir, tmp_path
 
     monkeypatch.setattr(train_module, "collate", dying_collate)
     with pytest.raises(KeyboardInterrupt):
-        train_model(small_benchmark_dir, tmp_path / "killed", config, progress=False)
+        train_model(small_benchmark_dir, tmp_path / "killed", config, run=RunContext(progress=False))
     assert not (tmp_path / "killed").exists(), "a killed run must not leave a model behind"
     assert (tmp_path / ".killed.work" / "checkpoint" / "state.json").exists()
     monkeypatch.setattr(train_module, "collate", real_collate)
 
-    resumed = train_model(small_benchmark_dir, tmp_path / "killed", config, progress=False)
+    resumed = train_model(small_benchmark_dir, tmp_path / "killed", config, run=RunContext(progress=False))
     assert resumed.record["resumed_from_step"] == 5
     assert resumed.record["steps"] == 12
     assert not (tmp_path / ".killed.work").exists(), "the work folder is removed once the model is saved"
@@ -119,20 +125,23 @@ def test_checkpoint_of_another_run_is_not_resumed(small_benchmark_dir, tmp_path,
 
     monkeypatch.setattr(train_module, "collate", die_at_five)
     with pytest.raises(KeyboardInterrupt):
-        train_model(small_benchmark_dir, tmp_path / "m", config, progress=False)
+        train_model(small_benchmark_dir, tmp_path / "m", config, run=RunContext(progress=False))
     monkeypatch.setattr(train_module, "collate", real_collate)
     with pytest.raises(ConfigError, match="different run"):
         train_model(
             small_benchmark_dir,
             tmp_path / "m",
             small_train_config(max_steps=8, lr=1e-4, checkpoint_every=3, eval_every=100, stop_recall=None),
-            progress=False,
+            run=RunContext(progress=False),
         )
 
 
 def test_retrained_model_does_not_know_the_forget_set(small_benchmark_dir, tmp_path):
     result = train_model(
-        small_benchmark_dir, tmp_path / "retrained", small_train_config(on="retain"), progress=False
+        small_benchmark_dir,
+        tmp_path / "retrained",
+        small_train_config(on="retain"),
+        run=RunContext(progress=False),
     )
     assert result.record["final"]["recall_retain"] >= 0.95
     assert result.record["final"]["recall_forget"] <= 0.2
@@ -145,7 +154,11 @@ def test_retrained_model_does_not_know_the_forget_set(small_benchmark_dir, tmp_p
 def test_fine_tune_from_an_existing_model(trained_small, small_benchmark_dir, tmp_path):
     config = small_train_config(on="retain", max_steps=3, stop_recall=None, lr=1e-4, warmup_steps=0)
     result = train_model(
-        small_benchmark_dir, tmp_path / "ft", config, base=str(trained_small.path), progress=False
+        small_benchmark_dir,
+        tmp_path / "ft",
+        config,
+        base=str(trained_small.path),
+        run=RunContext(progress=False),
     )
     assert result.record["base_identity"] == f"relapse:{trained_small.record['cache_key']}"
     before, after = _weights(trained_small.path), _weights(result.path)

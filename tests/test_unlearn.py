@@ -17,7 +17,7 @@ from relapse.methods.sure import candidate_parameters
 from relapse.methods.unlearn import UnlearnConfig, unlearn_model
 from relapse.metrics.qa import qa_recall
 from relapse.models import load_model
-from relapse.runtime import resolve_device
+from relapse.runtime import RunContext, resolve_device
 from tests.conftest import weight_distance
 
 
@@ -51,12 +51,14 @@ NPO_GDR_RETAIN_BASELINE = 0.75
 def npo_gdr_run(trained_small, small_benchmark_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("unlearn") / "npo_gdr"
     config = _config(method="npo+gdr", lr=3e-5, alpha=5.0, stop_forget_recall=0.3)
-    return unlearn_model(trained_small.path, small_benchmark_dir, out, config, progress=False)
+    return unlearn_model(trained_small.path, small_benchmark_dir, out, config, run=RunContext(progress=False))
 
 
 def test_ga_drives_forget_recall_down(trained_small, small_benchmark_dir, tmp_path):
     config = _config(method="ga", lr=3e-5, stop_forget_recall=0.3)
-    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "ga", config, progress=False)
+    result = unlearn_model(
+        trained_small.path, small_benchmark_dir, tmp_path / "ga", config, run=RunContext(progress=False)
+    )
     forget, retain = _recall(result.path, small_benchmark_dir)  # recomputed from the saved model
     assert forget <= 0.3
     assert retain >= GA_RETAIN_BASELINE
@@ -88,11 +90,17 @@ def test_unlearn_record(npo_gdr_run, trained_small):
 
 def test_second_call_is_cached(npo_gdr_run, trained_small, small_benchmark_dir):
     config = _config(method="npo+gdr", lr=3e-5, alpha=5.0, stop_forget_recall=0.3)
-    again = unlearn_model(trained_small.path, small_benchmark_dir, npo_gdr_run.path, config, progress=False)
+    again = unlearn_model(
+        trained_small.path, small_benchmark_dir, npo_gdr_run.path, config, run=RunContext(progress=False)
+    )
     assert again.cached and again.record["cache_key"] == npo_gdr_run.record["cache_key"]
     with pytest.raises(ConfigError, match="--overwrite"):
         unlearn_model(
-            trained_small.path, small_benchmark_dir, npo_gdr_run.path, _config(method="ga"), progress=False
+            trained_small.path,
+            small_benchmark_dir,
+            npo_gdr_run.path,
+            _config(method="ga"),
+            run=RunContext(progress=False),
         )
 
 
@@ -101,7 +109,7 @@ def test_precomputed_reference_equals_a_reference_model(trained_small, small_ben
     for mode in ("precompute", "model"):
         config = _config(method="npo+klr", lr=1e-4, max_steps=3, reference=mode)
         runs[mode] = unlearn_model(
-            trained_small.path, small_benchmark_dir, tmp_path / mode, config, progress=False
+            trained_small.path, small_benchmark_dir, tmp_path / mode, config, run=RunContext(progress=False)
         )
         assert runs[mode].record["reference"] == mode
     assert runs["precompute"].record["loss_curve"] == pytest.approx(
@@ -127,7 +135,7 @@ def test_resume_after_kill_gives_identical_weights(trained_small, small_benchmar
         weight_decay=0.1,
     )
     straight = unlearn_model(
-        trained_small.path, small_benchmark_dir, tmp_path / "straight", config, progress=False
+        trained_small.path, small_benchmark_dir, tmp_path / "straight", config, run=RunContext(progress=False)
     )
 
     real_npo = losses_module.npo_loss
@@ -143,12 +151,18 @@ def test_resume_after_kill_gives_identical_weights(trained_small, small_benchmar
 
     monkeypatch.setattr(losses_module, "npo_loss", dying_npo)
     with pytest.raises(KeyboardInterrupt):
-        unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "killed", config, progress=False)
+        unlearn_model(
+            trained_small.path,
+            small_benchmark_dir,
+            tmp_path / "killed",
+            config,
+            run=RunContext(progress=False),
+        )
     monkeypatch.setattr(losses_module, "npo_loss", real_npo)
     assert not (tmp_path / "killed").exists()
 
     resumed = unlearn_model(
-        trained_small.path, small_benchmark_dir, tmp_path / "killed", config, progress=False
+        trained_small.path, small_benchmark_dir, tmp_path / "killed", config, run=RunContext(progress=False)
     )
     assert resumed.record["resumed_from_step"] == 3
     assert resumed.record["loss_curve"] == straight.record["loss_curve"]
@@ -162,7 +176,9 @@ def test_sure_mask_holds_bit_for_bit_in_a_full_run(trained_small, small_benchmar
     config = _config(
         method="npo+gdr", lr=1e-3, max_steps=4, sure_top=0.1, sure_granularity=granularity, weight_decay=0.1
     )
-    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "sure", config, progress=False)
+    result = unlearn_model(
+        trained_small.path, small_benchmark_dir, tmp_path / "sure", config, run=RunContext(progress=False)
+    )
     sure = result.record["sure"]
     assert sure["frozen_elements_identical"] and sure["changed_tensors"] == []
     start, end = _weights(trained_small.path), _weights(result.path)
@@ -186,7 +202,9 @@ def test_sure_mask_holds_bit_for_bit_in_a_full_run(trained_small, small_benchmar
 def test_lora_is_merged_on_save(trained_small, small_benchmark_dir, tmp_path):
     pytest.importorskip("peft")
     config = _config(method="ga+gdr", lr=1e-3, max_steps=3, lora_r=4)
-    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "lora", config, progress=False)
+    result = unlearn_model(
+        trained_small.path, small_benchmark_dir, tmp_path / "lora", config, run=RunContext(progress=False)
+    )
     start, end = _weights(trained_small.path), _weights(result.path)
     assert set(start) == set(end), "adapters must be merged into the base weights"
     assert any(not torch.equal(start[k], end[k]) for k in start)
@@ -197,7 +215,9 @@ def test_lora_is_merged_on_save(trained_small, small_benchmark_dir, tmp_path):
 
 def test_bfloat16_weights_have_no_float32_master_copy(trained_small, small_benchmark_dir, tmp_path):
     config = _config(method="ga", lr=1e-3, max_steps=1, weights="bfloat16", eval_every=100)
-    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "bf16", config, progress=False)
+    result = unlearn_model(
+        trained_small.path, small_benchmark_dir, tmp_path / "bf16", config, run=RunContext(progress=False)
+    )
     saved = _weights(result.path)
     assert all(t.dtype == torch.bfloat16 for t in saved.values())
     start = _weights(trained_small.path)
@@ -206,13 +226,17 @@ def test_bfloat16_weights_have_no_float32_master_copy(trained_small, small_bench
 
 def test_autocast_keeps_float32_weights(trained_small, small_benchmark_dir, tmp_path):
     config = _config(method="ga", lr=1e-3, max_steps=1, autocast_bf16=True, eval_every=100)
-    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "ac", config, progress=False)
+    result = unlearn_model(
+        trained_small.path, small_benchmark_dir, tmp_path / "ac", config, run=RunContext(progress=False)
+    )
     assert all(t.dtype == torch.float32 for t in _weights(result.path).values())
 
 
 def test_muse_compatible_variant_is_recorded(trained_small, small_benchmark_dir, tmp_path):
     config = _config(method="npo+klr", lr=1e-4, max_steps=2, variant="muse-compatible", eval_every=100)
-    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "muse", config, progress=False)
+    result = unlearn_model(
+        trained_small.path, small_benchmark_dir, tmp_path / "muse", config, run=RunContext(progress=False)
+    )
     assert result.record["config"]["variant"] == "muse-compatible"
     assert result.record["reference"] == "model"
     with pytest.raises(ConfigError, match="reference"):
@@ -221,7 +245,7 @@ def test_muse_compatible_variant_is_recorded(trained_small, small_benchmark_dir,
             small_benchmark_dir,
             tmp_path / "x",
             _config(method="npo", variant="muse-compatible", reference="precompute"),
-            progress=False,
+            run=RunContext(progress=False),
         )
 
 
@@ -279,7 +303,9 @@ def test_unlearn_command(trained_small, small_benchmark_dir, tmp_path, capsys):
 
 def test_stop_on_forget_nll(trained_small, small_benchmark_dir, tmp_path):
     config = _config(method="ga", lr=3e-5, stop_forget_nll=2.0, eval_every=2)
-    result = unlearn_model(trained_small.path, small_benchmark_dir, tmp_path / "nll", config, progress=False)
+    result = unlearn_model(
+        trained_small.path, small_benchmark_dir, tmp_path / "nll", config, run=RunContext(progress=False)
+    )
     history = result.record["history"]
     assert result.record["stopped_early"] and history[-1]["nll_forget"] >= 2.0
     assert all(entry["nll_forget"] < 2.0 for entry in history[:-1])

@@ -138,7 +138,7 @@ def _add_seeds(p: argparse.ArgumentParser) -> None:
 
 def _add_train(subparsers) -> None:
     from relapse.models.io import PRECISIONS
-    from relapse.models.train import TRAIN_SPLITS, TrainConfig
+    from relapse.training.finetune import TRAIN_SPLITS, TrainConfig
 
     defaults = TrainConfig()
     p = subparsers.add_parser(
@@ -225,6 +225,20 @@ def _add_train(subparsers) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def _run_context(args: argparse.Namespace):
+    """How a command runs, from its options: ``--threads``, ``--quiet`` (no bars, no log lines),
+    ``--overwrite`` and ``--device``."""
+    from relapse.runtime import RunContext
+
+    return RunContext(
+        threads=args.threads,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        log=None if args.quiet else print,
+        device=args.device,
+    )
+
+
 def _run_summary(result, done_before: str) -> str:
     """``PATH: N steps in T s; QA recall forget F, retain R`` for a train or unlearn result."""
     record = result.record
@@ -234,9 +248,9 @@ def _run_summary(result, done_before: str) -> str:
 
 
 def _cmd_train(args) -> int:
-    from relapse.methods.parallel import is_main_process
     from relapse.models.tiny import TinyConfig
-    from relapse.models.train import TrainConfig, train_model
+    from relapse.training.finetune import TrainConfig, train_model
+    from relapse.training.parallel import is_main_process
 
     config = TrainConfig(
         on=args.on,
@@ -259,10 +273,7 @@ def _cmd_train(args) -> int:
         args.out,
         config,
         base=args.base,
-        threads=args.threads,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        device=args.device,
+        run=_run_context(args),
     )
     if not is_main_process():  # under a data-parallel launcher only the main process reports
         return 0
@@ -457,8 +468,8 @@ def _candidate_text(row: dict) -> str:
 
 
 def _cmd_unlearn(args) -> int:
-    from relapse.methods.parallel import is_main_process
     from relapse.methods.unlearn import UnlearnConfig, unlearn_model
+    from relapse.training.parallel import is_main_process
 
     config = UnlearnConfig(
         method=args.method,
@@ -504,10 +515,7 @@ def _cmd_unlearn(args) -> int:
         args.data,
         args.out,
         config,
-        threads=args.threads,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        device=args.device,
+        run=_run_context(args),
     )
     if not is_main_process():  # under a data-parallel launcher only the main process reports
         return 0
@@ -587,11 +595,8 @@ def _cmd_attack(args) -> int:
         include_embeddings=args.include_embeddings,
         include_lm_head=args.include_lm_head,
         seed=args.seed,
-        threads=args.threads,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
         calibration=args.calibration,
-        device=args.device,
+        run=_run_context(args),
     )
     changed = record["info"].get("quantized") or record["info"].get("rms") or record["info"].get("zeroed")
     what = f"{len(changed)} weight tensors changed" if changed else record["attack_kind"]
@@ -698,11 +703,8 @@ def _cmd_eval(args) -> int:
         retrained_auc=args.retrained_auc,
         batch_size=args.batch_size,
         seed=args.seed,
-        threads=args.threads,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
         calibration=args.calibration,
-        device=args.device,
+        run=_run_context(args),
     )
     title = args.model + (f" after {record['attack']['name']}" if record["attack"] else "")
     print(title)
@@ -778,10 +780,7 @@ def _cmd_audit(args) -> int:
     results = run_audit(
         config,
         args.out,
-        overwrite=args.overwrite,
-        threads=args.threads,
-        progress=not args.quiet,
-        log=None if args.quiet else print,
+        run=_run_context(args),
         jobs=args.jobs,
     )
     from relapse.demo import verdict_table
@@ -843,11 +842,7 @@ def _cmd_demo(args) -> int:
     result = run_demo(
         args.out,
         fast=args.fast,
-        threads=args.threads,
-        progress=not args.quiet,
-        overwrite=args.overwrite,
-        log=None if args.quiet else print,
-        device=args.device,
+        run=_run_context(args),
         jobs=args.jobs,
         seeds=args.seeds,
     )
@@ -877,11 +872,7 @@ def _cmd_run(args) -> int:
     result = run_experiment(
         load_experiment(args.experiment),
         args.out,
-        threads=args.threads,
-        progress=not args.quiet,
-        overwrite=args.overwrite,
-        log=None if args.quiet else print,
-        device=args.device,  # None: the experiment file's device key, else auto
+        run=_run_context(args),  # device None: the experiment file's device key, else auto
         jobs=args.jobs,
         seeds=args.seeds,
     )

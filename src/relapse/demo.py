@@ -9,32 +9,29 @@ version.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relapse.experiment import ExperimentResult, load_experiment, run_experiment, shipped_experiment
+
+if TYPE_CHECKING:
+    from relapse.runtime import RunContext
 
 
 def run_demo(
     out: str | Path,
     fast: bool = False,
-    threads: int | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
-    log=print,
-    device: str | None = None,
+    run: RunContext | None = None,
     jobs: int | None = None,
     seeds: int | None = None,
 ) -> ExperimentResult:
-    """Run the shipped demo experiment into ``out`` (on ``device``; ``None``: a GPU when there is one) with
-    ``jobs`` processes (``None``: both cores of a 2-core CPU, see :func:`relapse.workers.default_jobs`)."""
+    """Run the shipped demo experiment into ``out`` (on ``run.device``; ``None``: a GPU when there is one)
+    with ``jobs`` processes (``None``: both cores of a 2-core CPU, see
+    :func:`relapse.workers.default_jobs`)."""
     experiment = load_experiment(shipped_experiment("demo-fast" if fast else "demo"))
     return run_experiment(
         experiment,
         out,
-        threads=threads,
-        progress=progress,
-        overwrite=overwrite,
-        log=log,
-        device=device,
+        run,
         jobs=jobs,
         seeds=seeds,
     )

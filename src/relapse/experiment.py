@@ -40,9 +40,12 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relapse.errors import ConfigError
+
+if TYPE_CHECKING:  # runtime imports torch, which this module loads only when it runs something
+    from relapse.runtime import RunContext
 
 SECTIONS = {"name", "seed", "seeds", "device", "data", "train", "unlearn", "audit"}
 
@@ -126,8 +129,8 @@ def parse_experiment(raw: Any, source: str = "experiment") -> Experiment:
     from relapse.audit.sweep import DEFAULT_ATTACKS
     from relapse.methods.unlearn import UnlearnConfig
     from relapse.metrics.engine import resolve_metrics
-    from relapse.models.train import TrainConfig
     from relapse.runtime import check_device_name
+    from relapse.training.finetune import TrainConfig
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with sections {', '.join(sorted(SECTIONS))}")
@@ -255,33 +258,39 @@ class ExperimentResult:
 def run_experiment(
     experiment: Experiment,
     out: str | Path,
-    threads: int | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
-    log=print,
-    device: str | None = None,
+    run: RunContext | None = None,
     jobs: int | None = None,
     seeds: int | None = None,
 ) -> ExperimentResult:
     """Run every step of ``experiment`` into ``out`` (data, models record, audit, report).
 
-    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) overrides the file's ``device`` key; ``None``
+    ``run.device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) overrides the file's ``device`` key; ``None``
     keeps the file's (``auto`` when it has none). Training, unlearning and the audit all run there.
+    ``run.overwrite`` lets the audit replace another's results in ``out`` (models are cached by their
+    key, never overwritten).
     ``jobs`` processes train, unlearn and audit independent models at once (``None``:
     :func:`relapse.workers.default_jobs`); every model and number is the same whatever ``jobs`` is.
     ``seeds`` overrides the file's ``seeds``: each unlearning run repeated with that many seeds.
     """
     from relapse.report import build_report
-    from relapse.runtime import atomic_write_json, cache_dir, check_writable, package_versions, resolve_device
+    from relapse.runtime import (
+        RunContext,
+        atomic_write_json,
+        cache_dir,
+        check_writable,
+        package_versions,
+        resolve_device,
+    )
     from relapse.workers import check_jobs, workers
 
+    run = run or RunContext()
     if jobs is not None:
         check_jobs(jobs)  # before anything is written
     if seeds is not None:
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise ConfigError(f"--seeds must be a whole number >= 1, got {seeds!r}")
         experiment = dataclasses.replace(experiment, seeds=seeds)
-    requested = device if device is not None else experiment.device
+    requested = run.device if run.device is not None else experiment.device
     # Recorded; each process resolves ``requested`` itself (on several GPUs, a worker's is its own).
     target = str(resolve_device(requested))
     started = time.perf_counter()
@@ -291,14 +300,14 @@ def run_experiment(
     check_writable(out, "the output folder")
     check_writable(cache_dir(), "the cache (RELAPSE_CACHE)")
     out.mkdir(parents=True, exist_ok=True)
-    say = log or (lambda *_: None)
+    say = run.log or (lambda *_: None)
     data_dir = _prepare_data(experiment, out, say)
-    base = _resolve_base(experiment.train.get("base"), threads, progress, say)
-    with workers(jobs, threads, requested) as pool:
-        steps = _Steps(experiment, data_dir, pool, threads, progress, requested, say)
+    base = _resolve_base(experiment.train.get("base"), run, say)
+    with workers(jobs, run.threads, requested) as pool:
+        steps = _Steps(experiment, data_dir, pool, dataclasses.replace(run, device=requested), say)
         models = steps.train(base)
         models.update(steps.unlearn(models["target"]["path"]))
-        results, notes = steps.audit(models, out / "audit", overwrite, log)
+        results, notes = steps.audit(models, out / "audit")
     report = build_report(out / "audit")
     seconds = time.perf_counter() - started
     atomic_write_json(
@@ -334,14 +343,20 @@ class _Steps:
     experiment: Experiment
     data_dir: Path
     pool: Any  # relapse.workers.Workers
-    threads: int | None
-    progress: bool
-    device: str
+    run: RunContext  # its device is the experiment's, resolved from the file and the override
     say: Any
 
     @property
     def bars(self) -> bool:
-        return self.progress and self.pool.jobs == 1
+        return self.run.progress and self.pool.jobs == 1
+
+    @property
+    def model_run(self) -> RunContext:
+        """How a training or unlearning task runs in a worker: the run's threads and device, bars only
+        when alone, nothing logged, and never overwriting (models go to the cache by their key)."""
+        from relapse.runtime import RunContext
+
+        return RunContext(threads=self.run.threads, progress=self.bars, log=None, device=self.run.device)
 
     def _make(self, what: str, tasks: dict[str, Any], describe) -> dict[str, dict[str, Any]]:
         """Run ``tasks`` (label -> Task); ``describe(label, result)`` names how each model was made."""
@@ -360,8 +375,8 @@ class _Steps:
 
     def train(self, base: str | None) -> dict[str, dict[str, Any]]:
         """The target (forget + retain) and, unless the file says not, the retrained model (retain)."""
-        from relapse.models.train import RECORD_NAME as TRAIN_RECORD
-        from relapse.models.train import TrainConfig, train_cache_key
+        from relapse.training.finetune import RECORD_NAME as TRAIN_RECORD
+        from relapse.training.finetune import TrainConfig, train_cache_key
         from relapse.workers import Task
 
         roles = {"target": "forget+retain"}
@@ -374,7 +389,7 @@ class _Steps:
         tasks = {
             label: Task(
                 _train,
-                (self.data_dir, config, base, self.threads, self.bars, self.device),
+                (self.data_dir, config, base, self.model_run),
                 inline=_in_cache("models", train_cache_key(self.data_dir, config, base), TRAIN_RECORD),
             )
             for label, config in configs.items()
@@ -398,7 +413,7 @@ class _Steps:
         tasks = {
             name: Task(
                 _unlearn,
-                (target, self.data_dir, config, self.threads, self.bars, self.device),
+                (target, self.data_dir, config, self.model_run),
                 inline=_in_cache(
                     "unlearned", unlearn_cache_key(target, self.data_dir, config), UNLEARN_RECORD
                 ),
@@ -407,7 +422,7 @@ class _Steps:
         }
         return self._make("unlearning", tasks, lambda name, result: _describe(configs[name], result.record))
 
-    def audit(self, models, out: Path, overwrite: bool, log) -> tuple[dict[str, Any], list[str]]:
+    def audit(self, models, out: Path) -> tuple[dict[str, Any], list[str]]:
         """The audit of every model; returns its results and notes on what it could not run."""
         from relapse.audit.sweep import AuditConfig, run_audit
 
@@ -437,17 +452,9 @@ class _Steps:
             # Repeated runs: the stochastic attacks of each model take its run's seed.
             model_seeds={paths[run]: run[1] for run in runs} if repeated else {},
             groups={paths[run]: run[0] for run in runs} if repeated else {},
-            device=self.device,
+            device=self.run.device,
         )
-        results = run_audit(
-            config,
-            out,
-            overwrite=overwrite,
-            threads=self.threads,
-            progress=self.progress,
-            log=log,
-            pool=self.pool,
-        )
+        results = run_audit(config, out, self.run, pool=self.pool)
         return results, notes
 
 
@@ -460,37 +467,38 @@ def _in_cache(kind: str, key: str, record_name: str) -> bool:
     return record is not None and record.get("cache_key") == key
 
 
-def _train(data_dir, config, base, threads, progress, device, emit):
+def _train(data_dir, config, base, run, emit):
     """One training run (a :class:`relapse.workers.Task`)."""
-    from relapse.models.train import train_model
+    from relapse.training.finetune import train_model
 
-    return train_model(data_dir, None, config, base=base, threads=threads, progress=progress, device=device)
+    return train_model(data_dir, None, config, base=base, run=run)
 
 
-def _unlearn(model, data_dir, config, threads, progress, device, emit):
+def _unlearn(model, data_dir, config, run, emit):
     """One unlearning run (a :class:`relapse.workers.Task`)."""
     from relapse.methods.unlearn import unlearn_model
 
-    return unlearn_model(model, data_dir, None, config, threads=threads, progress=progress, device=device)
+    return unlearn_model(model, data_dir, None, config, run=run)
 
 
 def _train_settings(train: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in train.items() if k not in ("base", "retrained")}
 
 
-def _resolve_base(base: str | None, threads, progress, say) -> str | None:
+def _resolve_base(base: str | None, run: RunContext, say) -> str | None:
     """A base model path: as given, or a fetchable name (``smollm2-135m``) fetched once into the cache."""
     if base is None or Path(str(base)).expanduser().exists():
         return base
+    from relapse.attacks.provenance import measure_grid
     from relapse.models.fetch import FETCHABLE, fetch_model
-    from relapse.runtime import cache_dir
+    from relapse.runtime import RunContext, cache_dir
 
     name = str(base).strip().lower()
     if name not in FETCHABLE:
         return base  # a hub id: load_model takes it (safetensors only)
     out = cache_dir() / "base" / name
     say(f"base model {name}: {out}")
-    return str(fetch_model(name, out, threads=threads, progress=progress))
+    return str(fetch_model(name, out, measure_grid, RunContext(threads=run.threads, progress=run.progress)))
 
 
 def _prepare_data(experiment: Experiment, out: Path, say) -> Path:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,29 @@ RECORDED_PACKAGES = ("relapse", "torch", "transformers", "tokenizers", "safetens
 
 #: What ``--device`` accepts (besides ``cuda:N``).
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """How a command runs, as opposed to what it computes: none of these enter a cache key or change a
+    number, so they travel together through every entry point (train, unlearn, attack, fetch, eval,
+    audit, experiment, demo) instead of as five loose arguments.
+
+    Attributes:
+        threads: torch's intra-op threads (``None``: :func:`default_threads`).
+        progress: show progress bars (on a terminal).
+        overwrite: replace a different result already at the output path; without it, refuse.
+        log: where the audit, the experiment and the demo write their lines (``None``: nowhere).
+        device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``; ``None`` means
+            ``auto``, except that an experiment then keeps its file's ``device`` (an audit's device is
+            ``AuditConfig.device``, part of what it sweeps).
+    """
+
+    threads: int | None = None
+    progress: bool = True
+    overwrite: bool = False
+    log: Callable[[str], object] | None = print
+    device: str | None = None
 
 
 def seed_everything(seed: int) -> None:

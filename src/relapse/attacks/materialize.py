@@ -11,14 +11,12 @@ from relapse.attacks.diagnostics import weight_diagnostics
 from relapse.attacks.registry import get_attack
 from relapse.attacks.rtn import parse_rtn_name
 from relapse.data.benchmark import benchmark_files, load_benchmark
-from relapse.models.io import load_model, reuse_or_claim, save_model
-from relapse.models.train import model_identity
+from relapse.models.cached_run import open_cached_run
+from relapse.models.io import load_model, model_identity, save_model
 from relapse.runtime import (
+    RunContext,
     hash_files,
-    package_versions,
     resolve_device,
-    seed_everything,
-    set_threads,
     stable_hash,
 )
 
@@ -33,20 +31,18 @@ def materialize(
     include_embeddings: bool = False,
     include_lm_head: bool = False,
     seed: int = 0,
-    threads: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
     calibration: str | Path | None = None,
-    device: str | None = "auto",
+    run: RunContext | None = None,
 ) -> tuple[Path, dict[str, Any], bool]:
     """Apply ``attack_name`` to ``model`` and save the attacked model with ``attack.json``.
 
     Returns ``(path, record, cached)``; an ``out`` already holding this exact result is returned as is.
-    The attack runs on ``device`` (``auto``: a GPU when there is one); the device is recorded but is not
-    part of the cache key, like the thread count.
+    The attack runs on ``run.device`` (``auto``: a GPU when there is one); the device is recorded but is
+    not part of the cache key, like the thread count.
     """
+    run = run or RunContext()
     attack = get_attack(attack_name)
-    target = resolve_device(device)
+    target = resolve_device(run.device)
     calibration_texts = read_calibration_file(calibration) if calibration else []
     key = stable_hash(
         {
@@ -59,12 +55,10 @@ def materialize(
             "calibration": stable_hash(calibration_texts) if calibration_texts else None,
         }
     )
-    out = Path(out)
-    existing = reuse_or_claim(out, key, RECORD_NAME, overwrite)
-    if existing is not None:
-        return out, existing, True
-    threads_used = set_threads(threads)
-    seed_everything(seed)
+    opened = open_cached_run(out, key, RECORD_NAME, run.overwrite)
+    if opened.cached:
+        return opened.out, opened.existing, True
+    opened.start(run.threads, seed)
     net, tokenizer = load_model(str(model), device=str(target))
     context = AttackContext(
         tokenizer=tokenizer,
@@ -72,7 +66,7 @@ def materialize(
         include_embeddings=include_embeddings,
         include_lm_head=include_lm_head,
         seed=seed,
-        progress=progress,
+        progress=run.progress,
         calibration_texts=calibration_texts,
     )
     info = attack.apply(net, context)
@@ -83,14 +77,11 @@ def materialize(
         "attack_kind": attack.kind,
         "model": str(model),
         "model_identity": model_identity(str(model)),
-        "seed": seed,
-        "threads": threads_used,
-        "device": str(target),
-        "versions": package_versions(),
+        **opened.provenance(seed, target),
         "info": info,
     }
-    save_model(net, tokenizer, out, record, RECORD_NAME)
-    return out, record, False
+    save_model(net, tokenizer, opened.out, record, RECORD_NAME)
+    return opened.out, record, False
 
 
 def diff_models(

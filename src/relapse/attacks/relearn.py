@@ -21,7 +21,7 @@ from relapse.attacks.base import Attack, AttackContext
 from relapse.data.batching import EpochSampler, collate, tokenize_for_lm
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
-from relapse.methods.loop import LoopConfig, run_loop
+from relapse.training.loop import LoopConfig, run_loop
 
 RELEARN_SPLITS = ("retain", "holdout", "forget-half")
 DEFAULT_RELEARN_LR = 1e-4

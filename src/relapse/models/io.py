@@ -31,7 +31,10 @@ except ImportError:  # pragma: no cover - older huggingface_hub: such errors arr
         """Stands in for huggingface_hub's, which this version does not have."""
 
 
-from relapse.runtime import atomic_write_json, check_writable, replace_dir
+from relapse.runtime import atomic_write_json, check_writable, hash_files, replace_dir
+
+#: The record a fine-tuned model is saved with (``relapse train``); its cache key names the model.
+TRAIN_RECORD = "train.json"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -331,7 +334,7 @@ def save_model(
     return out
 
 
-def read_record(folder: str | Path, record_name: str = "train.json") -> dict[str, Any] | None:
+def read_record(folder: str | Path, record_name: str = TRAIN_RECORD) -> dict[str, Any] | None:
     """The provenance record saved with a model, or None when there is none (or it is unreadable)."""
     path = Path(folder) / record_name
     if not path.exists():
@@ -340,6 +343,22 @@ def read_record(folder: str | Path, record_name: str = "train.json") -> dict[str
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None
+
+
+def model_identity(name_or_path: str) -> str:
+    """A stable identity for a starting model: its relapse cache key, its weights' hash, or its hub id.
+
+    It enters the cache keys of every run derived from the model (fine-tuning, unlearning, attacks,
+    audits), so it lives here, below all of them: a model relapse trained is named by the key in its
+    ``train.json``, any other folder by its weights, anything else by its hub id.
+    """
+    record = read_record(name_or_path, TRAIN_RECORD)
+    if record and "cache_key" in record:
+        return f"relapse:{record['cache_key']}"
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return "files:" + hash_files(sorted(folder.glob("*.safetensors")))
+    return f"hub:{name_or_path}"
 
 
 def reuse_or_claim(out: Path, key: str, record_name: str, overwrite: bool) -> dict[str, Any] | None:

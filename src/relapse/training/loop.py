@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 
 from relapse import options
 from relapse.errors import ConfigError, DivergenceError
-from relapse.methods.parallel import barrier, data_parallel, is_main_process
 from relapse.models.io import all_finite, round_to_bfloat16_, save_model
 from relapse.runtime import atomic_write_json, replace_dir
+from relapse.training.parallel import barrier, data_parallel, is_main_process
 
 SCHEDULES = ("constant", "linear", "cosine")
 CHECKPOINT_DIR = "checkpoint"

@@ -21,32 +21,30 @@ from relapse.data.batching import EpochSampler, collate, tokenize_for_lm
 from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
-from relapse.methods.loop import LoopConfig, check_loop_options, claim_work_dir, run_loop, save_run
-from relapse.methods.parallel import world_size
 from relapse.metrics.qa import qa_recall
+from relapse.models.cached_run import open_cached_run
 from relapse.models.io import (
     BFLOAT16_EMULATED,
     PRECISIONS,
+    TRAIN_RECORD,
     apply_precision_,
     load_model,
-    read_record,
-    reuse_or_claim,
+    model_identity,
 )
 from relapse.models.tiny import TinyConfig, build_tiny
 from relapse.runtime import (
-    cache_dir,
+    RunContext,
     hash_files,
-    package_versions,
     resolve_device,
-    seed_everything,
-    set_threads,
     stable_hash,
 )
+from relapse.training.loop import LoopConfig, check_loop_options, claim_work_dir, run_loop, save_run
+from relapse.training.parallel import world_size
 
 log = logging.getLogger(__name__)
 
 TRAIN_SPLITS = ("forget+retain", "retain")
-RECORD_NAME = "train.json"
+RECORD_NAME = TRAIN_RECORD
 #: Bump when a change to training would give different weights for the same settings.
 TRAIN_VERSION = 1
 
@@ -105,17 +103,6 @@ class TrainResult:
     cached: bool
 
 
-def model_identity(name_or_path: str) -> str:
-    """A stable identity for a starting model: its relapse cache key, its weights' hash, or its hub id."""
-    record = read_record(name_or_path, RECORD_NAME)
-    if record and "cache_key" in record:
-        return f"relapse:{record['cache_key']}"
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
-        return "files:" + hash_files(sorted(folder.glob("*.safetensors")))
-    return f"hub:{name_or_path}"
-
-
 def train_cache_key(data_dir: Path, config: TrainConfig, base: str | None) -> str:
     """The hash that names a trained model: data files, settings, seed and starting model."""
     return stable_hash(
@@ -133,10 +120,7 @@ def train_model(
     out: str | Path | None,
     config: TrainConfig | None = None,
     base: str | None = None,
-    threads: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    device: str | None = "auto",
+    run: RunContext | None = None,
 ) -> TrainResult:
     """Train (or fetch from cache) a model on a benchmark and save it to ``out``.
 
@@ -145,22 +129,19 @@ def train_model(
         out: where to save the model; ``None`` uses the cache (``$RELAPSE_CACHE/models/<key>``).
         config: training settings; defaults train a tiny model on forget + retain.
         base: a model folder or hub id to fine-tune; ``None`` builds a tiny Llama from scratch.
-        threads: torch threads (``None``: ``$RELAPSE_THREADS`` or 1).
-        overwrite: replace a different model already at ``out``.
-        progress: show a progress bar.
-        device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``; not in the cache key.
+        run: threads, progress bar, whether to replace a different model already at ``out``, and the
+            device (``auto``: a GPU when there is one; not in the cache key).
     """
     config = config or TrainConfig()
+    run = run or RunContext()
     data_dir = Path(data_dir)
-    target = resolve_device(device)  # a bad --device fails before any work
+    target = resolve_device(run.device)  # a bad --device fails before any work
     benchmark = load_benchmark(data_dir)
     key = train_cache_key(data_dir, config, base)
-    out_path = Path(out) if out is not None else cache_dir() / "models" / key
-    existing = reuse_or_claim(out_path, key, RECORD_NAME, overwrite)
-    if existing is not None:
-        return TrainResult(out_path, existing, cached=True)
-    threads_used = set_threads(threads)
-    seed_everything(config.seed)
+    opened = open_cached_run(out, key, RECORD_NAME, run.overwrite, cache="models")
+    if opened.cached:
+        return TrainResult(opened.out, opened.existing, cached=True)
+    opened.start(run.threads, config.seed)
     if base is None:
         # Built (and initialised) on the CPU, so the starting weights are the same on every device.
         model, tokenizer = build_tiny(config.tiny, benchmark, seed=config.seed)
@@ -194,10 +175,10 @@ def train_model(
         batch_for_step,
         loss_fn,
         run_key=key,
-        work_dir=claim_work_dir(out_path, key, overwrite),
+        work_dir=claim_work_dir(opened.out, key, run.overwrite),
         evaluate=evaluate,
         should_stop=should_stop,
-        progress=progress,
+        progress=run.progress,
         description=f"train {config.on}",
         emulate_bfloat16=config.dtype == BFLOAT16_EMULATED,
     )
@@ -222,14 +203,10 @@ def train_model(
             "hash": hash_files(benchmark_files(data_dir)),
             "meta": benchmark.meta,
         },
-        "seed": config.seed,
-        "threads": threads_used,
-        "device": str(target),
-        "world_size": world_size(),
-        "versions": package_versions(),
+        **opened.provenance(config.seed, target, world_size()),
         "parameters": sum(p.numel() for p in model.parameters()),
         "final": final,
         **result.to_dict(),
     }
-    save_run(model, tokenizer, out_path, record, RECORD_NAME)
-    return TrainResult(out_path, record, cached=False)
+    save_run(model, tokenizer, opened.out, record, RECORD_NAME)
+    return TrainResult(opened.out, record, cached=False)
