@@ -1,12 +1,11 @@
-"""Adapters and ``relapse data convert``: tiny MUSE, TOFU and text/JSONL layouts written here by hand.
+"""Converters and ``relapse data convert``: tiny MUSE, TOFU and text/JSONL layouts written here by hand.
 
 Each conversion is read back with ``load_benchmark`` and compared with exact expected contents, so the
-tests check what lands in the folder, not the adapters' internals.
+tests check what lands in the folder, not the converters' internals.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -15,48 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from relapse.cli import main
 from relapse.data import load_benchmark
 from relapse.data.benchmark import QAPair, VerbMemItem
-from relapse.data.convert_cli import add_convert_parser
 from relapse.data.converters import from_hf, from_muse, from_text, from_tofu
-from relapse.errors import ConfigError, DataError, RelapseError
+from relapse.errors import ConfigError, DataError
 from tests.conftest import read_error_line
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _cli_has_convert() -> bool:
-    """Whether ``relapse.cli`` registers ``data convert`` yet (the lead wires it)."""
-    from relapse import cli
-
-    for action in cli.build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction) and "data" in action.choices:
-            for sub in action.choices["data"]._actions:
-                if isinstance(sub, argparse._SubParsersAction) and "convert" in sub.choices:
-                    return True
-    return False
-
-
-def _main(argv: list[str]) -> int:
-    """``relapse.cli.main`` when it has ``convert``, else the same path through a local parser."""
-    if _cli_has_convert():
-        from relapse.cli import main
-
-        return main(argv)
-    parser = argparse.ArgumentParser(prog="relapse")
-    commands = parser.add_subparsers(dest="command", required=True)
-    data = commands.add_parser("data").add_subparsers(dest="data_command", required=True)
-    add_convert_parser(data)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except RelapseError as exc:
-        print(f"relapse: error: {exc}", file=sys.stderr)
-        return 2
-
-
 def _convert(*argv: str | Path) -> int:
-    return _main(["data", "convert", *[str(a) for a in argv]])
+    return main(["data", "convert", *[str(a) for a in argv]])
 
 
 def _write(path: Path, text: str) -> Path:
