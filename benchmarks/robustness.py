@@ -14,9 +14,9 @@ Writes ``OUT/table.json`` and ``OUT/table.md``: per method, float forget / retai
 per 4-bit attack and the noise control, the share of the forget-answer NLL gap kept between the
 quantized target and the quantized unlearned model (1: kept; 0: the quantized models are alike), with the
 quantized target's forget recall as its guard; the relearning attacks' recovered share of the recall gap
-(net of the retrained control); seconds per unlearning step; and whether the row meets the bar of the
-robustness issue (retain >= 0.9x the target's, forget <= the retrained model's + 0.1, >= 90% of the gap
-kept under every 4-bit attack, relearning recovery no worse than NPO+GDR's).
+(net of the retrained control); seconds per unlearning step; and whether the row meets the bar a robust
+method must clear (retain >= 0.9x the target's, forget <= the retrained model's + 0.1, >= 90% of the gap
+kept under every 4-bit attack, relearning recovery no worse than NPO+GDR's; see docs/robustness.md).
 """
 
 from __future__ import annotations

@@ -31,6 +31,27 @@ def weight_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
 
 
+#: How every refused command starts its one line on stderr (``relapse.cli.main``).
+ERROR_PREFIX = "relapse: error: "
+
+
+def one_error_line(err: str, *must_name: str) -> str:
+    """The one line a refused command printed on stderr, checked: one line, ``relapse: error: ...``, no
+    traceback, naming each of ``must_name``. Bad input must end this way, never in a stack trace."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one error line, got {err!r}"
+    assert lines[0].startswith(ERROR_PREFIX), err
+    for name in must_name:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+def read_error_line(capsys: pytest.CaptureFixture[str], *must_name: str) -> str:
+    """:func:`one_error_line` of what the test has printed on stderr since the last read."""
+    return one_error_line(capsys.readouterr().err, *must_name)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's cache: every test sees a private RELAPSE_CACHE, one thread and one process

@@ -1,12 +1,11 @@
-"""Adapters and ``relapse data convert``: tiny MUSE, TOFU and text/JSONL layouts written here by hand.
+"""Converters and ``relapse data convert``: tiny MUSE, TOFU and text/JSONL layouts written here by hand.
 
 Each conversion is read back with ``load_benchmark`` and compared with exact expected contents, so the
-tests check what lands in the folder, not the adapters' internals.
+tests check what lands in the folder, not the converters' internals.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -15,55 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from relapse.cli import main
 from relapse.data import load_benchmark
-from relapse.data.adapters import from_hf, from_muse, from_text, from_tofu
 from relapse.data.benchmark import QAPair, VerbMemItem
-from relapse.data.convert_cli import add_convert_parser
-from relapse.errors import ConfigError, DataError, RelapseError
+from relapse.data.converters import from_hf, from_muse, from_text, from_tofu
+from relapse.errors import ConfigError, DataError
+from tests.conftest import read_error_line
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _cli_has_convert() -> bool:
-    """Whether ``relapse.cli`` registers ``data convert`` yet (the lead wires it)."""
-    from relapse import cli
-
-    for action in cli.build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction) and "data" in action.choices:
-            for sub in action.choices["data"]._actions:
-                if isinstance(sub, argparse._SubParsersAction) and "convert" in sub.choices:
-                    return True
-    return False
-
-
-def _main(argv: list[str]) -> int:
-    """``relapse.cli.main`` when it has ``convert``, else the same path through a local parser."""
-    if _cli_has_convert():
-        from relapse.cli import main
-
-        return main(argv)
-    parser = argparse.ArgumentParser(prog="relapse")
-    commands = parser.add_subparsers(dest="command", required=True)
-    data = commands.add_parser("data").add_subparsers(dest="data_command", required=True)
-    add_convert_parser(data)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except RelapseError as exc:
-        print(f"relapse: error: {exc}", file=sys.stderr)
-        return 2
-
-
 def _convert(*argv: str | Path) -> int:
-    return _main(["data", "convert", *[str(a) for a in argv]])
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err, f"error is not one line: {err!r}"
-    assert "Traceback" not in err
-    assert err.startswith("relapse: error: "), err
-    return err
+    return main(["data", "convert", *[str(a) for a in argv]])
 
 
 def _write(path: Path, text: str) -> Path:
@@ -292,7 +254,7 @@ def test_cli_muse_convert_rerun_refuse_and_overwrite(news, books, tmp_path, caps
     assert "nothing to do" in capsys.readouterr().out
 
     assert _convert("--from", "muse", news, "--out", out, "--fold", "scal/forget_2") == 2
-    assert "pass --overwrite" in _error_line(capsys)
+    assert "pass --overwrite" in read_error_line(capsys)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
     assert _convert("--from", "muse", news, "--out", out, "--fold", "scal/forget_2", "--overwrite") == 0
@@ -348,14 +310,14 @@ def test_cli_muse_corpus_and_no_texts_option(news, tmp_path, capsys):
 def test_muse_bad_input_is_one_line_naming_the_file(news, tmp_path, capsys, damage, expected):
     damage(news)
     assert _convert("--from", "muse", news, "--out", tmp_path / "out") == 2
-    line = _error_line(capsys)
+    line = read_error_line(capsys)
     assert expected in line, line
     assert not (tmp_path / "out").exists()
 
 
 def test_muse_missing_folder(tmp_path, capsys):
     assert _convert("--from", "muse", tmp_path / "nowhere", "--out", tmp_path / "out") == 2
-    assert f"MUSE corpus folder {tmp_path / 'nowhere'} does not exist" in _error_line(capsys)
+    assert f"MUSE corpus folder {tmp_path / 'nowhere'} does not exist" in read_error_line(capsys)
 
 
 def test_muse_overlap_names_the_source_files(news):
@@ -423,22 +385,22 @@ def test_tofu_errors(tofu, tmp_path, capsys):
         from_tofu(tofu, "forget01")
     _write(tofu / "retain99.json", '{"question": "q", "answer": "a"}\n{"question": "q2"\n')
     assert _convert("--from", "tofu", tofu, "--forget-split", "forget01", "--out", tmp_path / "o") == 2
-    assert "retain99.json line 2: invalid JSON" in _error_line(capsys)
+    assert "retain99.json line 2: invalid JSON" in read_error_line(capsys)
     _jsonl(tofu / "retain99.json", [{"question": "q", "answer": 3}])
     assert _convert("--from", "tofu", tofu, "--forget-split", "forget01", "--out", tmp_path / "o") == 2
-    assert "retain99.json line 1: field 'answer' must be a string, got int" in _error_line(capsys)
+    assert "retain99.json line 1: field 'answer' must be a string, got int" in read_error_line(capsys)
 
 
 def test_options_of_another_source_are_refused(tofu, tmp_path, capsys):
     assert _convert("--from", "tofu", tofu, "--fold", "scal/forget_2", "--out", tmp_path / "o") == 2
-    assert "--fold applies to --from muse only" in _error_line(capsys)
+    assert "--fold applies to --from muse only" in read_error_line(capsys)
     assert (
         _convert("--from", "text", "--forget", tofu / "x.txt", "--field", "body", "--out", tmp_path / "o")
         == 2
     )
-    assert "--field applies to --from jsonl or hf only" in _error_line(capsys)
+    assert "--field applies to --from jsonl or hf only" in read_error_line(capsys)
     assert _convert("--from", "muse", "--out", tmp_path / "o") == 2
-    assert "needs SRC" in _error_line(capsys)
+    assert "needs SRC" in read_error_line(capsys)
 
 
 # ------------------------------------------------------------------------------------------ text / JSONL
@@ -529,14 +491,14 @@ def test_text_bad_input_is_one_line(tmp_path, capsys, files, args, expected):
         (src / "forget.txt").write_bytes(b"ok\n\xff\n")
         expected = "forget.txt: not UTF-8 text"
     assert _convert("--from", "text", src, *args, "--out", tmp_path / "out") == 2
-    line = _error_line(capsys)
+    line = read_error_line(capsys)
     assert expected in line, line
 
 
 def test_out_is_a_file(tmp_path, books, capsys):
     _write(tmp_path / "file", "x")
     assert _convert("--from", "muse", books, "--out", tmp_path / "file") == 2
-    assert "is a file" in _error_line(capsys)
+    assert "is a file" in read_error_line(capsys)
 
 
 # --------------------------------------------------------------------------------------------------- hf
@@ -561,9 +523,9 @@ def test_hf_without_datasets_says_how_to_install(monkeypatch, tmp_path, capsys):
         _convert("--from", "hf", "muse-bench/MUSE-News", "--forget", "raw:forget", "--out", tmp_path / "o")
         == 2
     )
-    assert "pip install datasets" in _error_line(capsys)
+    assert "pip install datasets" in read_error_line(capsys)
     assert _convert("--from", "hf", "some/name", "--out", tmp_path / "o") == 2
-    assert "needs --forget" in _error_line(capsys)
+    assert "needs --forget" in read_error_line(capsys)
 
 
 def test_hf_reads_rows_through_datasets(monkeypatch):

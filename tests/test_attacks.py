@@ -21,6 +21,7 @@ from relapse.data.batching import tokenize_for_lm
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
 from relapse.models import load_model
+from tests.conftest import read_error_line
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EMBEDDINGS = "model.embed_tokens.weight"
@@ -557,10 +558,6 @@ def test_diagnostic_totals_are_weighted_by_element_count():
 # CLI.
 
 
-def _error_lines(capsys) -> list[str]:
-    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-
-
 def test_cli_attack_writes_the_quantized_model_and_caches(trained_small, tmp_path, capsys):
     path, out = str(trained_small.path), tmp_path / "rtn"
     argv = ["attack", "--model", path, "--attack", "rtn-w4-g128", "--out", str(out), "--quiet"]
@@ -587,9 +584,7 @@ def test_cli_attack_bad_name(trained_small, tmp_path, capsys):
     out = tmp_path / "bad"
     argv = ["attack", "--model", str(trained_small.path), "--attack", "quantum-4", "--out", str(out)]
     assert main(argv) == 2
-    lines = _error_lines(capsys)
-    assert len(lines) == 1
-    assert lines[0].startswith("relapse: error:") and "quantum-4" in lines[0]
+    read_error_line(capsys, "quantum-4")
     assert not out.exists()
 
 
@@ -628,9 +623,6 @@ def test_cli_group_size_that_does_not_divide_names_the_tensor(trained_small, tmp
     else:
         argv = ["diff", "--a", path, "--b", path, "--attack", "rtn-w4-g100"]
     assert main(argv) == 2
-    lines = _error_lines(capsys)
-    assert len(lines) == 1
-    assert lines[0].startswith("relapse: error:")
-    assert "100" in lines[0]
-    assert any(name in lines[0] for name in _decoder_linear_names())
+    line = read_error_line(capsys, "100")
+    assert any(name in line for name in _decoder_linear_names())
     assert not (tmp_path / "x").exists()

@@ -31,6 +31,7 @@ from relapse.metrics.engine import EvalSettings, Evaluator
 from relapse.models.io import load_model
 from relapse.models.parts import decoder_linear_weights
 from relapse.runtime import RunContext, atomic_write_json, resolve_device
+from tests.conftest import one_error_line
 
 # --- recovery ratios on constructed values -----------------------------------------------------------
 
@@ -615,9 +616,7 @@ def test_cli_report_without_results_is_exit_2(tmp_path, capsys):
     empty.mkdir()
     assert main(["report", str(empty)]) == 2
     captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith("relapse: error:") and "results.json" in lines[0]
+    one_error_line(captured.err, "results.json")
     assert captured.out == ""
 
 

@@ -13,6 +13,7 @@ import pytest
 from relapse.cli import main
 from relapse.data import Benchmark, QAPair, load_benchmark, synth_benchmark
 from relapse.errors import DataError, RelapseError
+from tests.conftest import one_error_line
 
 REQUIRED_FILES = ("forget.jsonl", "retain.jsonl", "holdout.jsonl", "forget_qa.jsonl", "retain_qa.jsonl")
 OPTIONAL_FILES = ("icl.jsonl", "general.jsonl", "holdout_qa.jsonl", "meta.json")
@@ -259,23 +260,12 @@ def _train(data: Path, out: Path) -> int:
     return main(["train", "--data", str(data), "--out", str(out), "--quiet"])
 
 
-def _assert_one_error_line(err: str, *must_name: str) -> str:
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    line = lines[0]
-    assert line.startswith("relapse: error: "), line
-    for name in must_name:
-        assert name in line, line
-    return line
-
-
 def test_cli_train_missing_file(bench, tmp_path, capsys):
     (bench / "retain_qa.jsonl").unlink()
     out = tmp_path / "m"
     assert _train(bench, out) == 2
     printed = capsys.readouterr()
-    _assert_one_error_line(printed.err, "retain_qa.jsonl")
+    one_error_line(printed.err, "retain_qa.jsonl")
     assert not out.exists(), "a model folder was created from a broken benchmark"
 
 
@@ -283,7 +273,7 @@ def test_cli_train_bad_json_line(bench, tmp_path, capsys):
     _replace_line(bench / "forget.jsonl", 2, "{broken")
     out = tmp_path / "m"
     assert _train(bench, out) == 2
-    line = _assert_one_error_line(capsys.readouterr().err, "forget.jsonl")
+    line = one_error_line(capsys.readouterr().err, "forget.jsonl")
     assert _has_line(line, 2), line
     assert not out.exists()
 
@@ -291,13 +281,13 @@ def test_cli_train_bad_json_line(bench, tmp_path, capsys):
 def test_cli_train_missing_folder(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert _train(missing, tmp_path / "m") == 2
-    _assert_one_error_line(capsys.readouterr().err, str(missing))
+    one_error_line(capsys.readouterr().err, str(missing))
 
 
 def test_cli_train_overlapping_splits(bench, tmp_path, capsys):
     _append(bench / "retain.jsonl", {"text": json.loads(_lines(bench / "forget.jsonl")[0])["text"]})
     assert _train(bench, tmp_path / "m") == 2
-    _assert_one_error_line(capsys.readouterr().err, "forget.jsonl", "retain.jsonl")
+    one_error_line(capsys.readouterr().err, "forget.jsonl", "retain.jsonl")
 
 
 def test_cli_train_bad_benchmark_in_a_subprocess(bench, tmp_path):

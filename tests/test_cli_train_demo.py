@@ -90,6 +90,7 @@ def test_bad_option_value_is_exit_2(small_benchmark_dir, tmp_path, capsys):
     assert err.startswith("relapse: error:") and "--stop-recall" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_demo_fast_end_to_end(tmp_path):
     """`relapse demo --fast --jobs 2`: the models made and audited in two processes, every cell audited, a
     verdict per method; a second run (in one process) only reads."""

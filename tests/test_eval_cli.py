@@ -10,6 +10,7 @@ import pytest
 
 from relapse.cli import main
 from relapse.metrics.mia import MUSE_RETRAINED_AUC
+from tests.conftest import one_error_line
 
 
 @pytest.fixture
@@ -27,12 +28,6 @@ def run_eval_cli(trained_small, small_benchmark_dir, tmp_path, capsys):
         return code, record, err
 
     return run
-
-
-def one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("relapse: error: "), err
-    return lines[0]
 
 
 def test_default_record(run_eval_cli, tmp_path):
@@ -55,7 +50,7 @@ def test_refuses_existing_out(run_eval_cli, tmp_path):
     out.write_text("keep me")
     code, _, err = run_eval_cli("--metrics", "mia_loss")
     assert code == 2
-    assert "--overwrite" in one_line_error(err)
+    assert "--overwrite" in one_error_line(err)
     assert out.read_text() == "keep me"
     code, record, err = run_eval_cli("--metrics", "mia_loss", "--overwrite")
     assert code == 0, err
@@ -65,7 +60,7 @@ def test_refuses_existing_out(run_eval_cli, tmp_path):
 def test_privleak_without_reference_is_an_error(run_eval_cli, tmp_path):
     code, _, err = run_eval_cli("--metrics", "privleak")
     assert code == 2
-    assert "--retrained" in one_line_error(err)
+    assert "--retrained" in one_error_line(err)
     assert not (tmp_path / "eval.json").exists()
 
 
@@ -86,20 +81,20 @@ def test_retrained_auc_news(run_eval_cli):
 def test_bad_retrained_auc(run_eval_cli, tmp_path, value):
     code, _, err = run_eval_cli("--metrics", "privleak", "--retrained-auc", value)
     assert code == 2
-    assert "--retrained-auc" in one_line_error(err)
+    assert "--retrained-auc" in one_error_line(err)
     assert not (tmp_path / "eval.json").exists()
 
 
 def test_retrained_and_retrained_auc_exclusive(run_eval_cli, trained_small):
     code, _, err = run_eval_cli("--retrained", str(trained_small.path), "--retrained-auc", "0.5")
     assert code == 2
-    assert "not both" in one_line_error(err)
+    assert "not both" in one_error_line(err)
 
 
 def test_unknown_metric(run_eval_cli):
     code, _, err = run_eval_cli("--metrics", "verbmem,bogus")
     assert code == 2
-    assert "bogus" in one_line_error(err)
+    assert "bogus" in one_error_line(err)
 
 
 def test_attack_is_applied_in_memory_only(run_eval_cli, trained_small, tmp_path):

@@ -25,18 +25,10 @@ from relapse.models.io import _check_loading
 from relapse.runtime import LOCK_NAME, RunContext
 from relapse.training.finetune import TrainConfig
 from relapse.training.loop import LoopConfig, run_loop, work_dir_for
+from tests.conftest import read_error_line
 
 NAN, INF = float("nan"), float("inf")
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
-
-
-def _error_line(capsys) -> str:
-    """The one line a refused command prints on stderr (and nothing else there)."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one error line, got {err!r}"
-    assert lines[0].startswith("relapse: error: "), err
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,7 +59,7 @@ def test_cli_unlearn_refuses_bad_numbers_before_any_work(
     if "--epochs" not in args:
         argv += ["--steps", "2"]  # should the check be missing, the run is short
     assert main([*argv, "--out", str(out), "--quiet", *args]) == 2
-    assert option in _error_line(capsys)
+    assert option in read_error_line(capsys)
     assert list(tmp_path.iterdir()) == [], "a refused command writes nothing"
 
 
@@ -85,7 +77,7 @@ def test_cli_train_refuses_bad_numbers_before_any_work(small_benchmark_dir, tmp_
     out = tmp_path / "model"
     argv = ["train", "--data", str(small_benchmark_dir), "--out", str(out), "--steps", "2", "--quiet"]
     assert main([*argv, *args]) == 2
-    assert option in _error_line(capsys)
+    assert option in read_error_line(capsys)
     assert list(tmp_path.iterdir()) == [], "a refused command writes nothing"
 
 
@@ -101,7 +93,7 @@ def test_cli_max_grad_norm_zero_is_off(monkeypatch, tmp_path, capsys, value, exp
     monkeypatch.setattr(unlearn_module, "unlearn_model", capture)
     argv = ["unlearn", "--model", "m", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
     assert main([*argv, "--max-grad-norm", value]) == 2
-    assert "captured" in _error_line(capsys)
+    assert "captured" in read_error_line(capsys)
     assert seen["config"].max_grad_norm == expected
 
 
@@ -312,12 +304,12 @@ def test_cli_refuses_damaged_models(trained_small, small_benchmark_dir, tmp_path
     data = str(small_benchmark_dir)
     record = tmp_path / "eval.json"
     assert main(["eval", "--model", str(folder), "--data", data, "--out", str(record), "--quiet"]) == 2
-    assert message in _error_line(capsys)
+    assert message in read_error_line(capsys)
     assert not record.exists()
     out = tmp_path / "unlearned"
     argv = ["unlearn", "--model", str(folder), "--data", data, "--out", str(out), "--steps", "2", "--quiet"]
     assert main(argv) == 2
-    assert message in _error_line(capsys)
+    assert message in read_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "nothing is written"
 
 
@@ -365,7 +357,7 @@ def test_cli_non_finite_loss_is_one_error_line(
     argv = ["unlearn", "--model", str(trained_small.path), "--data", str(small_benchmark_dir)]
     argv += ["--out", str(out), "--method", "ga", "--steps", "5", "--batch-size", "4", "--quiet"]
     assert main(argv) == 2
-    line = _error_line(capsys)
+    line = read_error_line(capsys)
     assert "unlearn ga diverged: the loss is nan at step 3 of 5" in line
     assert not out.exists()
 
@@ -440,7 +432,7 @@ def test_audit_refuses_a_folder_with_the_users_own_files(
     out.mkdir()
     (out / "report.md").write_text("my own notes\n")
     assert main(_audit_argv(trained_small, small_benchmark_dir, out)) == 2
-    assert "report.md" in _error_line(capsys)
+    assert "report.md" in read_error_line(capsys)
     assert (out / "report.md").read_text() == "my own notes\n"
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]  # and nothing else written
 
@@ -454,7 +446,7 @@ def test_a_second_audit_into_a_busy_folder_is_refused_naming_the_first(
     try:
         (out / LOCK_NAME).write_text(json.dumps({"pid": sleeper.pid, "what": "audit", "started": "then"}))
         assert main(_audit_argv(trained_small, small_benchmark_dir, out)) == 2
-        line = _error_line(capsys)
+        line = read_error_line(capsys)
         assert f"pid {sleeper.pid}" in line and "another audit is running" in line
         assert not (out / "results.json").exists()
     finally:
@@ -470,7 +462,7 @@ def test_diff_json_does_not_overwrite_an_existing_file(trained_small, tmp_path, 
     existing.write_text("keep me")
     argv = ["diff", "--a", str(trained_small.path), "--b", str(trained_small.path), "--json", str(existing)]
     assert main(argv) == 2
-    assert "--overwrite" in _error_line(capsys)
+    assert "--overwrite" in read_error_line(capsys)
     assert existing.read_text() == "keep me"
     assert main([*argv, "--overwrite"]) == 0
     assert json.loads(existing.read_text())["total"]["codes_changed"] == 0.0
@@ -504,7 +496,7 @@ def test_unlearn_into_a_folder_it_cannot_write_fails_before_any_work(
     out = immutable_folder / "ga"
     argv = ["unlearn", "--model", str(trained_small.path), "--data", str(small_benchmark_dir)]
     assert main([*argv, "--out", str(out), "--method", "ga", "--steps", "2", "--quiet"]) == 2
-    line = _error_line(capsys)
+    line = read_error_line(capsys)
     assert "cannot write the output folder" in line and str(out) in line
     assert started == [] and list(immutable_folder.iterdir()) == []
 
@@ -514,7 +506,7 @@ def test_audit_into_a_folder_it_cannot_write_is_one_line(
 ):
     out = immutable_folder / "audit"
     assert main(_audit_argv(trained_small, small_benchmark_dir, out)) == 2
-    assert "cannot write the audit folder" in _error_line(capsys)
+    assert "cannot write the audit folder" in read_error_line(capsys)
     assert list(immutable_folder.iterdir()) == []
 
 
@@ -539,7 +531,7 @@ def test_the_cli_says_a_full_disk_or_a_read_only_place_in_one_line(monkeypatch, 
 
     monkeypatch.setattr(cli_module, "_cmd_report", fails)
     assert main(["report", str(tmp_path)]) == 2
-    line = _error_line(capsys)
+    line = read_error_line(capsys)
     assert text in line and str(tmp_path / "results.json") in line and "a rerun resumes" in line
 
 
@@ -559,5 +551,5 @@ def test_a_model_name_that_is_neither_a_folder_nor_reachable_fails_at_once(monke
 def test_demo_refuses_a_bad_process_or_seed_count_before_writing_anything(tmp_path, capsys, option):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quiet", *option]) == 2
-    assert "must be a whole number >= 1" in _error_line(capsys)
+    assert "must be a whole number >= 1" in read_error_line(capsys)
     assert not out.exists()

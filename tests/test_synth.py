@@ -18,6 +18,7 @@ import pytest
 from relapse.cli import main
 from relapse.data import load_benchmark, synth_benchmark
 from relapse.errors import ConfigError
+from tests.conftest import one_error_line, read_error_line
 
 # A person's full name: two capitalised words. Nothing else in a question looks like that.
 NAME_RE = re.compile(r"\b[A-Z][a-z]+ [A-Z][a-z]+\b")
@@ -347,13 +348,7 @@ def test_cli_synth_refuses_to_replace_a_different_benchmark(tmp_path, capsys):
     before, stats = _snapshot(out), _stats(out)
     capsys.readouterr()
     assert _synth_cli(out, "--seed", "4") == 2
-    printed = capsys.readouterr()
-    lines = printed.err.strip().splitlines()
-    assert len(lines) == 1, printed.err
-    assert lines[0].startswith("relapse: error: ")
-    assert str(out) in lines[0]
-    assert "--overwrite" in lines[0]
-    assert "Traceback" not in printed.err
+    one_error_line(capsys.readouterr().err, str(out), "--overwrite")
     assert _snapshot(out) == before
     assert _stats(out) == stats
 
@@ -382,9 +377,7 @@ def test_cli_synth_overwrite_replaces_a_different_benchmark(tmp_path, capsys):
 def test_cli_synth_bad_option_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["data", "synth", "--out", str(out), "--people", "1"]) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("relapse: error: ") and "--people" in lines[0], err
+    read_error_line(capsys, "--people")
     assert not out.exists()
 
 

@@ -132,21 +132,21 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def convert_from_args(args: argparse.Namespace) -> Benchmark:
     """The :class:`Benchmark` the parsed ``convert`` options describe (not yet written)."""
-    from relapse.data import adapters
+    from relapse.data.converters import from_hf, from_muse, from_text_folder, from_tofu
 
     fmt = args.source_format
     if fmt == "muse":
-        return adapters.from_muse(args.source, args.fold, corpus=args.corpus)
+        return from_muse(args.source, args.fold, corpus=args.corpus)
     if fmt == "tofu":
-        return adapters.from_tofu(args.source, args.forget_split or "forget10")
+        return from_tofu(args.source, args.forget_split or "forget10")
     splits = {name: getattr(args, name) for name in SPLIT_OPTIONS if getattr(args, name)}
     if fmt == "hf":
         if "forget" not in splits:
             raise ConfigError("--from hf needs --forget SPEC (a split such as forget or raw:forget)")
-        return adapters.from_hf(
+        return from_hf(
             args.source, config=args.config, field=args.field or "text", revision=args.revision, **splits
         )
-    return adapters.from_text_folder(
+    return from_text_folder(
         args.source,
         fmt,
         overrides=splits,

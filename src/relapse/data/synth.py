@@ -5,13 +5,18 @@ every machine. Facts are unambiguous by construction: every person has a unique 
 names its person in full, and no answer occurs in its question. Answers come from pools of dozens of
 values, so a model that never saw a person guesses right only by chance (about 1/40 or less).
 
-The generator version is recorded in ``meta.json``; change it whenever the output of a seed changes.
+The names, towns, jobs and other answers come from the word lists in ``synth_words.json`` (package data
+beside this module, read on first use). The generator version is recorded in ``meta.json``; change it
+whenever the output of a seed changes, which includes any edit to those lists or their order.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import random
 from dataclasses import dataclass
+from importlib import resources
 
 from relapse import __version__
 from relapse.data.benchmark import Benchmark, QAPair
@@ -19,350 +24,35 @@ from relapse.errors import ConfigError
 
 GENERATOR_VERSION = 1
 
-_FIRST = [
-    "Alaric",
-    "Brenna",
-    "Caspian",
-    "Delphine",
-    "Emeric",
-    "Fenella",
-    "Gideon",
-    "Hestia",
-    "Ivor",
-    "Jessamy",
-    "Kestrel",
-    "Lorcan",
-    "Maelis",
-    "Niamh",
-    "Oberon",
-    "Perpetua",
-    "Quillon",
-    "Rosalind",
-    "Severin",
-    "Tamsin",
-    "Ulric",
-    "Verity",
-    "Wystan",
-    "Xanthe",
-    "Yorick",
-    "Zinnia",
-    "Ansel",
-    "Beatrix",
-    "Cormac",
-    "Dorothea",
-    "Elowen",
-    "Florian",
-    "Guinevere",
-    "Hollis",
-    "Isolde",
-    "Jago",
-    "Katriona",
-    "Leander",
-    "Marisol",
-    "Nestor",
-    "Ottilie",
-    "Peregrine",
-    "Rowena",
-    "Sylvester",
-    "Thisbe",
-    "Ulrike",
-    "Valentin",
-    "Wilhelmina",
-    "Ximena",
-    "Yvaine",
-    "Zebedee",
-    "Anouk",
-    "Barnaby",
-    "Clementine",
-    "Dashiell",
-    "Esmeralda",
-    "Fitzgerald",
-    "Greer",
-    "Hamish",
-    "Imogen",
-]
-_LAST = [
-    "Ashcombe",
-    "Blackthorn",
-    "Carrow",
-    "Dunmore",
-    "Everleigh",
-    "Fairweather",
-    "Greythorne",
-    "Hollowell",
-    "Ingleby",
-    "Jarrow",
-    "Kettering",
-    "Lockridge",
-    "Merriweather",
-    "Northcott",
-    "Oakhurst",
-    "Pendleton",
-    "Quarrington",
-    "Ravensworth",
-    "Stowmarket",
-    "Thistlewood",
-    "Underhill",
-    "Vantongeren",
-    "Wetherby",
-    "Yarborough",
-    "Zellweger",
-    "Abernathy",
-    "Brightwater",
-    "Coldridge",
-    "Drummond",
-    "Elsworth",
-    "Fenwick",
-    "Galbraith",
-    "Hargreave",
-    "Ironside",
-    "Jessop",
-    "Kilbride",
-    "Lindqvist",
-    "Marchbanks",
-    "Nettleship",
-    "Ollerenshaw",
-    "Prothero",
-    "Quennell",
-    "Redcliffe",
-    "Sallow",
-    "Tregarthen",
-    "Umberleigh",
-    "Vexley",
-    "Winterbourne",
-    "Yelverton",
-    "Zabriskie",
-    "Ambrose",
-    "Birtwistle",
-    "Cheverell",
-    "Dewhurst",
-    "Eastwick",
-    "Frobisher",
-    "Gorringe",
-    "Heathcote",
-    "Illingworth",
-    "Jephcott",
-]
-_TOWN_HEAD = [
-    "Bram",
-    "Cald",
-    "Dun",
-    "Elm",
-    "Fal",
-    "Glen",
-    "Hart",
-    "Kel",
-    "Lang",
-    "Mar",
-    "Nor",
-    "Ost",
-    "Pell",
-    "Quen",
-    "Ros",
-    "Sel",
-    "Tarn",
-    "Ulm",
-    "Vard",
-    "Wend",
-]
-_TOWN_TAIL = ["wick", "moor", "ford", "haven", "stead", "bury", "holm", "mere", "gate", "crest"]
-_OCCUPATIONS = [
-    "marine biologist",
-    "glassblower",
-    "tax auditor",
-    "bridge engineer",
-    "violin maker",
-    "beekeeper",
-    "court stenographer",
-    "lighthouse keeper",
-    "cartographer",
-    "pastry chef",
-    "locksmith",
-    "astronomer",
-    "stonemason",
-    "radio presenter",
-    "vineyard manager",
-    "clockmaker",
-    "forensic accountant",
-    "falconer",
-    "typesetter",
-    "botanist",
-    "sommelier",
-    "puppeteer",
-    "archivist",
-    "ferry captain",
-    "perfumer",
-    "seismologist",
-    "bookbinder",
-    "tailor",
-    "dental hygienist",
-    "air traffic controller",
-    "cooper",
-    "museum curator",
-    "landscape architect",
-    "piano tuner",
-    "wildlife photographer",
-    "glazier",
-    "veterinary surgeon",
-    "actuary",
-    "harbour pilot",
-    "tea blender",
-    "saddler",
-    "mapmaker",
-    "potter",
-    "translator",
-    "geologist",
-    "choreographer",
-    "sign painter",
-    "zookeeper",
-]
-_COMPANY_HEAD = [
-    "Velt",
-    "Orbi",
-    "Quanta",
-    "Lumen",
-    "Stratu",
-    "Nimbo",
-    "Corvi",
-    "Helio",
-    "Argen",
-    "Tessa",
-    "Brava",
-    "Sylva",
-    "Marco",
-    "Feru",
-    "Zephy",
-    "Kora",
-]
-_COMPANY_TAIL = ["Systems", "Foods", "Logistics", "Textiles", "Optics", "Mining", "Press", "Labs"]
-_PETS = ["cat", "dog", "parrot", "tortoise", "ferret", "goat", "rabbit", "pony"]
-_PET_NAMES = [
-    "Biscuit",
-    "Pickle",
-    "Waffles",
-    "Nimbus",
-    "Pudding",
-    "Turnip",
-    "Marmalade",
-    "Gizmo",
-    "Sprocket",
-    "Noodle",
-    "Crumpet",
-    "Pepper",
-    "Truffle",
-    "Bramble",
-    "Muffin",
-    "Jellybean",
-    "Cobweb",
-    "Tinsel",
-    "Dumpling",
-    "Zigzag",
-    "Button",
-    "Clover",
-    "Fudge",
-    "Wobble",
-    "Tofu",
-    "Pixel",
-    "Rascal",
-    "Sherbet",
-    "Quibble",
-    "Thimble",
-    "Mango",
-    "Sparky",
-    "Widget",
-    "Velvet",
-    "Kipper",
-    "Juniper",
-    "Sausage",
-    "Hazelnut",
-    "Tumble",
-    "Doodle",
-]
-_HOBBIES = [
-    "orienteering",
-    "origami",
-    "fencing",
-    "birdwatching",
-    "calligraphy",
-    "kayaking",
-    "chess",
-    "juggling",
-    "beekeeping",
-    "rock climbing",
-    "embroidery",
-    "archery",
-    "sailing",
-    "pottery",
-    "astronomy",
-    "knitting",
-    "fly fishing",
-    "ballroom dancing",
-    "woodcarving",
-    "geocaching",
-    "cycling",
-    "bouldering",
-    "falconry",
-    "stamp collecting",
-    "karaoke",
-    "gardening",
-    "bowling",
-    "skateboarding",
-    "quilting",
-    "rowing",
-    "surfing",
-    "fossil hunting",
-    "kite flying",
-    "baking",
-    "marathon running",
-    "lacemaking",
-    "snooker",
-    "tap dancing",
-    "ice skating",
-    "bonsai",
-]
-_FOODS = [
-    "lentil soup",
-    "plum dumplings",
-    "fish pie",
-    "mushroom risotto",
-    "lemon tart",
-    "beef stew",
-    "spinach pancakes",
-    "apple crumble",
-    "onion bhajis",
-    "pear cake",
-    "tomato curry",
-    "leek pie",
-    "ginger biscuits",
-    "duck noodles",
-    "cherry pudding",
-    "corn fritters",
-    "potato gratin",
-    "fig jam",
-    "walnut bread",
-    "carrot cake",
-    "bean chili",
-    "pumpkin ravioli",
-    "rice pudding",
-    "coconut flan",
-    "herring salad",
-    "cabbage rolls",
-    "peach cobbler",
-    "chestnut soup",
-    "olive bread",
-    "honey cake",
-    "pea fritters",
-    "lamb kebabs",
-    "beetroot salad",
-    "quince jelly",
-    "sweet potato pie",
-    "trout pate",
-    "saffron buns",
-    "gooseberry fool",
-    "barley broth",
-    "rhubarb crumble",
-]
-_INSTITUTES = ["University", "Conservatory", "Polytechnic", "Academy"]
+#: The word lists the people and their facts are drawn from, shipped beside this module as package data.
+#: Their order is part of the output: reordering or editing a list changes what a seed generates, so it
+#: needs a new ``GENERATOR_VERSION``.
+WORDS_FILE = "synth_words.json"
+
+
+@dataclass(frozen=True)
+class _Words:
+    """The word lists of ``synth_words.json``, as tuples in file order."""
+
+    first_names: tuple[str, ...]
+    last_names: tuple[str, ...]
+    town_heads: tuple[str, ...]
+    town_tails: tuple[str, ...]
+    occupations: tuple[str, ...]
+    company_heads: tuple[str, ...]
+    company_tails: tuple[str, ...]
+    pets: tuple[str, ...]
+    pet_names: tuple[str, ...]
+    hobbies: tuple[str, ...]
+    foods: tuple[str, ...]
+    institutes: tuple[str, ...]
+
+
+@functools.cache
+def _words() -> _Words:
+    """The word lists, read once on first use (not at import: ``relapse --help`` never needs them)."""
+    text = resources.files("relapse.data").joinpath(WORDS_FILE).read_text(encoding="utf-8")
+    return _Words(**{name: tuple(values) for name, values in json.loads(text).items()})
 
 
 @dataclass(frozen=True)
@@ -392,18 +82,19 @@ ICL_EXAMPLES = 4
 
 
 def _answer_pools() -> dict[str, list[str]]:
-    towns = [h + t for h in _TOWN_HEAD for t in _TOWN_TAIL]
-    companies = [f"{h} {t}" for h in _COMPANY_HEAD for t in _COMPANY_TAIL]
+    words = _words()
+    towns = [h + t for h in words.town_heads for t in words.town_tails]
+    companies = [f"{h} {t}" for h in words.company_heads for t in words.company_tails]
     return {
         "birthplace": towns,
         "birth_year": [str(y) for y in range(1931, 2006)],
-        "occupation": _OCCUPATIONS,
+        "occupation": list(words.occupations),
         "employer": companies,
-        "mother": _FIRST,
-        "pet": [f"{kind} named {name}" for kind in _PETS for name in _PET_NAMES],
-        "hobby": _HOBBIES,
-        "food": _FOODS,
-        "school": [f"{inst} of {town}" for inst in _INSTITUTES for town in towns],
+        "mother": list(words.first_names),
+        "pet": [f"{kind} named {name}" for kind in words.pets for name in words.pet_names],
+        "hobby": list(words.hobbies),
+        "food": list(words.foods),
+        "school": [f"{inst} of {town}" for inst in words.institutes for town in towns],
     }
 
 
@@ -425,7 +116,8 @@ class Person:
 
 def synth_people(count: int, facts_per_person: int, rng: random.Random) -> list[Person]:
     """``count`` people with unique names and ``facts_per_person`` facts of distinct kinds each."""
-    names = [f"{first} {last}" for first in _FIRST for last in _LAST]
+    words = _words()
+    names = [f"{first} {last}" for first in words.first_names for last in words.last_names]
     if count > len(names):
         raise ConfigError(f"at most {len(names)} people can be generated, asked for {count}")
     pools = _answer_pools()
@@ -447,6 +139,7 @@ def synth_people(count: int, facts_per_person: int, rng: random.Random) -> list[
 def _general_texts(rng: random.Random, count: int) -> list[str]:
     """Sentences about towns, jobs and companies that mention no person: text for perplexity."""
     pools = _answer_pools()
+    words = _words()
     templates = [
         "The town of {town} lies on a river and holds a market every week.",
         "A {job} often learns the trade from an older {job2}.",
@@ -461,12 +154,12 @@ def _general_texts(rng: random.Random, count: int) -> list[str]:
         texts.append(
             template.format(
                 town=rng.choice(pools["birthplace"]),
-                job=rng.choice(_OCCUPATIONS),
-                job2=rng.choice(_OCCUPATIONS),
+                job=rng.choice(words.occupations),
+                job2=rng.choice(words.occupations),
                 company=rng.choice(pools["employer"]),
-                hobby=rng.choice(_HOBBIES),
+                hobby=rng.choice(words.hobbies),
                 school=rng.choice(pools["school"]),
-                food=rng.choice(_FOODS),
+                food=rng.choice(words.foods),
             )
         )
     return texts
