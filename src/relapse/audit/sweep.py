@@ -51,9 +51,10 @@ import torch
 
 from relapse.attacks.base import AttackContext, applied
 from relapse.attacks.registry import get_attack
-from relapse.audit.recovery import NO_ATTACK, VERDICT_METRICS, cell_key, finish
+from relapse.audit.recovery import NO_ATTACK, cell_key, finish
 from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.errors import ConfigError
+from relapse.metrics.catalog import primary_choices
 from relapse.metrics.engine import EvalSettings, Evaluator, resolve_metrics
 from relapse.runtime import (
     LOCK_NAME,
@@ -82,7 +83,7 @@ DEFAULT_ATTACKS = (
 )
 DEFAULT_AUDIT_METRICS = "verbmem,knowmem,privleak,utility,recall,mia_loss,mia_mink_40"
 #: Metrics a verdict can follow: one-sided measures of what the forget set still holds.
-PRIMARY_METRICS = (*VERDICT_METRICS, "nll_forget")
+PRIMARY_METRICS = primary_choices()
 
 
 @dataclass
