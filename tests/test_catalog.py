@@ -12,7 +12,7 @@ from relapse.metrics.catalog import (
     utility_gate_metrics,
     verdict_metrics,
 )
-from relapse.metrics.engine import GROUPS, _FIXED
+from relapse.metrics.engine import _FIXED, GROUPS
 
 
 def test_every_engine_metric_is_declared():

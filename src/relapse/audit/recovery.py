@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from relapse.errors import ConfigError
 from relapse.methods.select import DEFAULT_UTILITY_FLOOR
 from relapse.metrics import bootstrap
 from relapse.metrics.catalog import metric_info, recovery_metrics, utility_gate_metrics, verdict_metrics
@@ -391,12 +390,10 @@ def primary_metric(results: dict[str, Any]) -> str | None:
 
 def attack_kind(attack: str) -> str | None:
     """The kind of a named attack (quantization, noise, pruning, relearning), or None if unknown."""
-    from relapse.attacks.registry import get_attack
+    from relapse.attacks.registry import attack_or_none
 
-    try:
-        return get_attack(attack).kind
-    except ConfigError:  # a name this version does not know still has results to read
-        return None
+    found = attack_or_none(attack)  # a name this version does not know still has results to read
+    return found.kind if found else None
 
 
 def quantized_target_forgot(results: dict[str, Any], attack: str, metric: str) -> bool:
@@ -506,23 +503,24 @@ def relapse_verdict(results: dict[str, Any], model: str, table: dict | None = No
 
 def noise_control(attack: str, attacks: list[str]) -> str | None:
     """The audit's noise control of a grid attack: the noise attack whose error is that grid's
-    (``noise-like-rtn-w4-g128`` for ``rtn-w4-g128``, ``gptq-w4-g128`` and ``awq-w4-g128``), or None."""
-    from relapse.attacks.registry import get_attack
+    (``noise-like-rtn-w4-g128`` for ``rtn-w4-g128``, ``gptq-w4-g128`` and ``awq-w4-g128``), or None.
 
-    try:
-        scheme = getattr(get_attack(attack), "scheme", None)
-        if scheme is None or attack_kind(attack) != "quantization":
-            return None
-        return next(
-            (
-                a
-                for a in attacks
-                if attack_kind(a) == "noise" and getattr(get_attack(a), "scheme", None) == scheme
-            ),
-            None,
-        )
-    except ConfigError:
+    Both declare the grid as ``scheme``: the one a quantizer rounds to, the one a noise attack's error
+    imitates."""
+    from relapse.attacks.registry import attack_or_none
+
+    found = attack_or_none(attack)
+    scheme = getattr(found, "scheme", None)
+    if scheme is None or found.kind != "quantization":
         return None
+    return next(
+        (
+            a
+            for a in attacks
+            if attack_kind(a) == "noise" and getattr(attack_or_none(a), "scheme", None) == scheme
+        ),
+        None,
+    )
 
 
 def attack_decision(

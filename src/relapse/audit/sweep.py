@@ -461,17 +461,10 @@ def _diagnostics(results: dict[str, Any], config: AuditConfig, device: torch.dev
 
 
 def diagnostic_scheme(attack_name: str):
-    """The RTN grid an attack rounds to (GPTQ and AWQ round to RTN's grid), or ``None`` for attacks that
-    do not round to a grid (noise, pruning, relearning, the deployment formats)."""
-    from relapse.attacks.rtn import parse_rtn_name
+    """The RTN grid an attack rounds to (its declared ``grid``: GPTQ and AWQ round to RTN's grid), or
+    ``None`` for attacks that do not round to relapse's grid (noise, pruning, relearning, the deployment
+    formats, llm-compressor) and for names this version does not know."""
+    from relapse.attacks.registry import attack_or_none
 
-    name = attack_name
-    for prefix in ("gptq-", "awq-"):
-        if name.startswith(prefix):
-            name = "rtn-" + name.removeprefix(prefix).removesuffix("-act")
-    if not name.startswith("rtn-"):
-        return None
-    try:
-        return parse_rtn_name(name)
-    except ConfigError:
-        return None
+    attack = attack_or_none(attack_name)
+    return attack.grid if attack else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +30,6 @@ PLOT_UTILITY_METRICS = UTILITY_METRICS
 
 DPI = 110
 
-_GRID_BITS = re.compile(r"^(?:llmc-)?(?:rtn|gptq|awq)-w(\d+)(?:-|$)")
-_GGUF_BITS = re.compile(r"^gguf-q(\d+)(?:_|$)")
-_BNB_BITS = {"bnb-nf4": 4, "bnb-fp4": 4, "bnb-int8": 8}
-
 
 @dataclass(frozen=True)
 class Plot:
@@ -48,21 +43,32 @@ class Plot:
 
 
 def attack_bits(name: str) -> int | None:
-    """The weight bit width an attack quantizes to, ``FLOAT_BITS`` for ``none``, else ``None``.
+    """The weight bit width an attack quantizes to (its declared ``bits``), ``FLOAT_BITS`` for ``none``,
+    else ``None``.
 
     Only attacks that round weights to a low-bit format have a bit width: noise shaped like a quantizer's
-    error (``noise-like-rtn-w4-g128``), pruning and relearning do not, so they stay off the bits axis.
+    error (``noise-like-rtn-w4-g128``), pruning and relearning do not, so they stay off the bits axis; so
+    does a name this version does not know.
     """
-    text = name.strip().lower()
-    if text == NO_ATTACK:
+    if name.strip().lower() == NO_ATTACK:
         return FLOAT_BITS
-    if text in _BNB_BITS:
-        return _BNB_BITS[text]
-    for pattern in (_GRID_BITS, _GGUF_BITS):
-        match = pattern.match(text)
-        if match:
-            return int(match.group(1))
-    return None
+    attack = _attack(name)
+    return attack.bits if attack else None
+
+
+def _attack(name: str):
+    """The registered attack of that name, or None (imported here: reading the report needs no torch)."""
+    from relapse.attacks.registry import attack_or_none
+
+    return attack_or_none(name)
+
+
+def _plain_rounding(name: str) -> bool:
+    """Whether ``name`` is the model as it is or plain RTN rounding (what GPTQ, AWQ and the others
+    refine), the attack the bits plot prefers where several share a bit width."""
+    from relapse.attacks.weights import RTNAttack
+
+    return name == NO_ATTACK or isinstance(_attack(name), RTNAttack)
 
 
 def measured_metrics(results: dict[str, Any]) -> list[str]:
@@ -116,7 +122,7 @@ def bits_points(results: dict[str, Any], model: str, metric: str) -> list[tuple[
         number = value(results, model, attack, metric)
         if bits is None or number is None:
             continue
-        rank = order if attack.startswith("rtn-") or attack == NO_ATTACK else order + len(attacks)
+        rank = order if _plain_rounding(attack) else order + len(attacks)
         if bits not in chosen or rank < chosen[bits][0]:
             chosen[bits] = (rank, attack, number)
     return [(bits, attack, number) for bits, (_, attack, number) in sorted(chosen.items())]
