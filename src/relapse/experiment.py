@@ -277,6 +277,7 @@ def run_experiment(
     :func:`relapse.workers.default_jobs`); every model and number is the same whatever ``jobs`` is.
     ``seeds`` overrides the file's ``seeds``: each unlearning run repeated with that many seeds.
     """
+    from relapse.audit.results import RESULTS_NAME
     from relapse.report import build_report
     from relapse.runtime import atomic_write_json, cache_dir, check_writable, package_versions, resolve_device
     from relapse.workers import check_jobs, workers
@@ -320,7 +321,7 @@ def run_experiment(
             "data": str(data_dir),
             "models": models,
             "notes": notes,
-            "audit": str(out / "audit" / "results.json"),
+            "audit": str(out / "audit" / RESULTS_NAME),
             "verdicts": results.get("verdicts", {}),
             "seconds": seconds,
             "versions": package_versions(),

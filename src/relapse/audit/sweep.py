@@ -6,7 +6,7 @@ written into ``results.json`` at once (atomically), with its per-item details in
 audit started again with the same settings skips every finished cell and recomputes none; different
 settings in the same folder are refused unless ``overwrite``.
 
-``results.json``::
+``results.json`` (read back through :func:`relapse.audit.results.load_results`, whose types follow this)::
 
     {"kind": "relapse-audit", "config": {...}, "config_hash": str,
      "models": {label: {"role": "target" | "retrained" | "unlearned", "path": str,
@@ -38,7 +38,6 @@ device says so.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ import torch
 from relapse.attacks.base import AttackContext, applied
 from relapse.attacks.registry import get_attack
 from relapse.audit.recovery import NO_ATTACK, cell_key, finish
+from relapse.audit.results import RESULTS_KIND, RESULTS_NAME, load_results
 from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.errors import ConfigError
 from relapse.metrics.catalog import primary_choices
@@ -69,8 +69,6 @@ from relapse.runtime import (
     set_threads,
     stable_hash,
 )
-
-RESULTS_NAME = "results.json"
 
 #: The attacks of an audit when none are named (bnb-nf4 needs bitsandbytes).
 DEFAULT_ATTACKS = (
@@ -166,8 +164,8 @@ def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> dict[str, 
     path = out / RESULTS_NAME
     if path.exists():
         try:
-            existing = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            existing = load_results(out)
+        except ConfigError:  # not an audit's results (or not readable): other settings, as far as we know
             existing = None
         if existing and existing.get("config_hash") == key:
             return existing
@@ -188,7 +186,7 @@ def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> dict[str, 
                 "choose another --out, or pass --overwrite to write the audit there"
             )
     return {
-        "kind": "relapse-audit",
+        "kind": RESULTS_KIND,
         "config": config.to_json(),
         "config_hash": key,
         "models": model_labels(config),
