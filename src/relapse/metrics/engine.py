@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from relapse.data.benchmark import Benchmark, QAPair, VerbMemItem
+from relapse.data.benchmark import FORGET, GENERAL, HOLDOUT, RETAIN, Benchmark, QAPair, VerbMemItem
 from relapse.data.prompts import KNOWMEM_STOP_STRINGS, KnowMemPrompt, derive_verbmem, normalize_answer
 from relapse.errors import ConfigError, DataError
 from relapse.metrics import mia
@@ -247,19 +247,19 @@ def _rouge_result(
 
 def knowmem_forget(ev: Evaluator) -> dict[str, Any]:
     """MUSE KnowMem on the forget QA set (ROUGE-L F1 x100): what the model still knows."""
-    return _knowmem(ev, ev.benchmark.forget_qa, "forget")
+    return _knowmem(ev, ev.benchmark.forget_qa, FORGET)
 
 
 def knowmem_retain(ev: Evaluator) -> dict[str, Any]:
     """MUSE KnowMem on the retain QA set: the knowledge unlearning must keep (utility)."""
-    return _knowmem(ev, ev.benchmark.retain_qa, "retain")
+    return _knowmem(ev, ev.benchmark.retain_qa, RETAIN)
 
 
 def ppl_general(ev: Evaluator) -> dict[str, Any]:
     """Perplexity on ``general.jsonl`` (token-weighted over all texts): general language utility."""
     if not ev.benchmark.general:
         raise DataError("perplexity needs general.jsonl (general text the model should still model)")
-    scores = ev.scores("general")
+    scores = ev.scores(GENERAL)
     return {
         "value": perplexity(scores),
         "higher_is_better": _direction("ppl_general"),
@@ -281,9 +281,9 @@ def _membership_result(
         raise DataError("membership inference needs holdout.jsonl texts the model never saw")
     splits = {
         split: [membership(f"mia_{split}", i, s) for i, s in enumerate(ev.scores(f"mia_{split}"))]
-        for split in ("forget", "holdout")
+        for split in (FORGET, HOLDOUT)
     }
-    auc = mia.membership_auc(splits["forget"], splits["holdout"])
+    auc = mia.membership_auc(splits[FORGET], splits[HOLDOUT])
     info = metric_info(name)
     return {
         "value": auc,
