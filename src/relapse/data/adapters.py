@@ -19,7 +19,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relapse.data.benchmark import Benchmark, QAPair, VerbMemItem
+from relapse.data.benchmark import (
+    FORGET_QA,
+    HOLDOUT_QA,
+    ICL,
+    PLAIN_TEXT_SPLITS,
+    RETAIN_QA,
+    SPLITS,
+    VERBMEM,
+    Benchmark,
+    QAPair,
+    VerbMemItem,
+)
 from relapse.errors import ConfigError, DataError
 
 __all__ = ["FORMAT", "from_hf", "from_muse", "from_text", "from_text_folder", "from_tofu"]
@@ -36,19 +47,7 @@ JSON_EXTS = (".json", ".jsonl")
 TEXT_FORMATS = ("auto", "text", "jsonl")
 
 #: The order of ``meta["files"]``: the order of the benchmark's own files.
-FILE_ORDER = (
-    "forget",
-    "retain",
-    "holdout",
-    "forget_qa",
-    "retain_qa",
-    "icl",
-    "general",
-    "holdout_qa",
-    "verbmem",
-    "mia_forget",
-    "mia_holdout",
-)
+FILE_ORDER = SPLITS
 
 _NOT_JSON = object()
 
@@ -172,11 +171,7 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _counts(benchmark: Benchmark) -> dict[str, int]:
-    names = ("forget", "retain", "holdout", "forget_qa", "retain_qa", "icl", "general", "holdout_qa")
-    counts = {name: len(getattr(benchmark, name)) for name in names}
-    for name in ("verbmem", "mia_forget", "mia_holdout"):
-        counts[name] = len(getattr(benchmark, name))
-    return counts
+    return {name: len(getattr(benchmark, name)) for name in SPLITS}
 
 
 def _finish(benchmark: Benchmark, files: dict[str, list[str]]) -> Benchmark:
@@ -543,7 +538,7 @@ def from_text(
         raise ConfigError("a forget file is required")
     splits: dict[str, list[Any]] = {}
     for name, paths in sources.items():
-        if name in ("forget", "retain", "holdout", "general"):
+        if name in PLAIN_TEXT_SPLITS:
             splits[name] = [t for p in paths for t in _text_file(p, text_format, field, one_per_line)]
         elif name == "verbmem":
             splits[name] = [item for p in paths for item in _verbmem_of(_read_records(p))]
@@ -572,17 +567,7 @@ def from_text(
 
 
 #: The files :func:`from_text_folder` looks for, by split.
-FOLDER_SPLITS = (
-    "forget",
-    "retain",
-    "holdout",
-    "general",
-    "forget_qa",
-    "retain_qa",
-    "holdout_qa",
-    "icl",
-    "verbmem",
-)
+FOLDER_SPLITS = (*PLAIN_TEXT_SPLITS, FORGET_QA, RETAIN_QA, HOLDOUT_QA, ICL, VERBMEM)
 
 
 def from_text_folder(
@@ -607,7 +592,7 @@ def from_text_folder(
         root = Path(folder)
         _require_folder(root, f"--from {kind} source")
         for name in FOLDER_SPLITS:
-            is_text = name in ("forget", "retain", "holdout", "general")
+            is_text = name in PLAIN_TEXT_SPLITS
             exts = (".txt",) if is_text and kind == "text" else (".jsonl", ".json")
             found = _find(root, name, exts)
             if found is not None:
@@ -736,7 +721,7 @@ def from_hf(
     files: dict[str, list[str]] = {}
     for key, key_specs in specs.items():
         records = [r for cfg, split in key_specs for r in rows(cfg or config, split)]
-        if key in ("forget", "retain", "holdout", "general"):
+        if key in PLAIN_TEXT_SPLITS:
             splits[key] = _texts_of(records, field)
         elif key == "verbmem":
             splits[key] = _verbmem_of(records)
