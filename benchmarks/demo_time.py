@@ -12,13 +12,14 @@ warm <= 2 min 30 s on 2 cores). Nothing else should run on the machine meanwhile
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from relapse.audit.results import load_results
 
 BUDGET_S = {"cold": 600.0, "warm": 150.0}
 
@@ -39,7 +40,7 @@ def run_demo(out: Path, cache: Path, jobs: int, fast: bool) -> tuple[float, floa
 
 
 def cell_values(out: Path) -> dict[str, dict[str, float]]:
-    results = json.loads((out / "audit" / "results.json").read_text(encoding="utf-8"))
+    results = load_results(out / "audit")
     return {
         key: {name: metric["value"] for name, metric in cell["metrics"].items()}
         for key, cell in results["cells"].items()

@@ -28,6 +28,7 @@ from typing import Any
 
 from relapse.attacks.materialize import materialize
 from relapse.audit.recovery import NO_ATTACK, cell_value
+from relapse.audit.results import load_results
 from relapse.data import synth_benchmark
 from relapse.experiment import parse_experiment, run_experiment
 from relapse.runtime import RunContext, atomic_write_json, atomic_write_text, package_versions
@@ -225,7 +226,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.table_only:
         record = json.loads((args.out / "run" / "experiment.json").read_text())
-        results = json.loads((args.out / "run" / "audit" / "results.json").read_text())
+        results = load_results(args.out / "run" / "audit")
         summary = {
             **table(results, record["models"]),
             "experiment": record["experiment"],

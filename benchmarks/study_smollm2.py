@@ -37,10 +37,10 @@ from typing import Any
 from relapse.attacks.diagnostics import weight_diagnostics
 from relapse.attacks.rtn import parse_rtn_name
 from relapse.audit.recovery import NO_ATTACK, cell_key, finish, gap_kept
+from relapse.audit.results import load_results
 from relapse.experiment import parse_experiment, run_experiment
 from relapse.models.io import load_model
 from relapse.models.parts import decoder_linear_weights
-from relapse.report.build import load_results
 from relapse.runtime import RunContext, atomic_write_json, atomic_write_text
 
 NOISE_CONTROL = "noise-like-rtn-w4-g64-sym"

@@ -34,7 +34,6 @@ Schema (unknown keys are errors, so a typo cannot silently fall back to a defaul
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -232,11 +231,18 @@ def _build(cls, settings: dict[str, Any], where: str):
 
 
 def available_attacks(attacks: list[str]) -> tuple[list[str], list[str]]:
-    """Split attacks into those this installation can run and notes on the rest (bnb-* need bitsandbytes)."""
+    """Split attacks into those this installation can run and notes on the rest: an attack whose package
+    a relapse extra installs (bnb-* need bitsandbytes) is skipped where it is missing. Packages relapse
+    never installs (llm-compressor) are the user's explicit choice; an attack that needs one fails."""
+    from relapse.attacks.registry import attack_or_none
+
     runnable, notes = [], []
     for name in attacks:
-        if name.startswith("bnb-") and importlib.util.find_spec("bitsandbytes") is None:
-            notes.append(f"{name} skipped: bitsandbytes is not installed (pip install 'relapse[bnb]')")
+        attack = attack_or_none(name)
+        if attack is not None and attack.extra is not None and attack.package_missing():
+            notes.append(
+                f"{name} skipped: {attack.requires} is not installed (pip install 'relapse[{attack.extra}]')"
+            )
         else:
             runnable.append(name)
     return runnable, notes
@@ -272,6 +278,7 @@ def run_experiment(
     :func:`relapse.workers.default_jobs`); every model and number is the same whatever ``jobs`` is.
     ``seeds`` overrides the file's ``seeds``: each unlearning run repeated with that many seeds.
     """
+    from relapse.audit.results import RESULTS_NAME
     from relapse.report import build_report
     from relapse.runtime import (
         RunContext,
@@ -323,7 +330,7 @@ def run_experiment(
             "data": str(data_dir),
             "models": models,
             "notes": notes,
-            "audit": str(out / "audit" / "results.json"),
+            "audit": str(out / "audit" / RESULTS_NAME),
             "verdicts": results.get("verdicts", {}),
             "seconds": seconds,
             "versions": package_versions(),

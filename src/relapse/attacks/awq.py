@@ -50,14 +50,17 @@ def awq_quantize_matrix(
 class AWQAttack(CalibratedAttack):
     """AWQ quantization of the decoder's linear layers (calibrated on general text)."""
 
-    def __init__(self, scheme: QuantScheme, grid: int = DEFAULT_GRID) -> None:
-        self.scheme, self.grid = scheme, grid
+    def __init__(self, scheme: QuantScheme, alpha_grid: int = DEFAULT_GRID) -> None:
+        # ``grid`` is the RTN grid the weights land on (Attack's declaration); ``alpha_grid`` the number
+        # of steps of the search for alpha, recorded as the attack's "grid" setting.
+        self.scheme, self.alpha_grid = scheme, alpha_grid
+        self.grid, self.bits = scheme, scheme.bits
         self.name = scheme.name.replace("rtn-", "awq-", 1)
         self.alphas: dict[str, float] = {}
 
     def quantize_layer(self, weight: torch.Tensor, stats: LayerStats, name: str) -> torch.Tensor:
-        quantized, self.alphas[name] = awq_quantize_matrix(weight, stats, self.scheme, self.grid, name)
+        quantized, self.alphas[name] = awq_quantize_matrix(weight, stats, self.scheme, self.alpha_grid, name)
         return quantized
 
     def settings(self) -> dict[str, Any]:
-        return {"grid": self.grid, "alpha": dict(sorted(self.alphas.items()))}
+        return {"grid": self.alpha_grid, "alpha": dict(sorted(self.alphas.items()))}

@@ -7,17 +7,21 @@ of attacks. :func:`relapse.attacks.materialize` writes an attacked copy to disk 
 
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from relapse.data.benchmark import Benchmark
 from relapse.errors import ConfigError
 from relapse.models.parts import decoder_linear_weights, embedding_weights, lm_head_weights
+
+if TYPE_CHECKING:
+    from relapse.attacks.rtn import QuantScheme
 
 
 @dataclass
@@ -61,10 +65,27 @@ def kept_weights(model: torch.nn.Module, changed) -> list[str]:
 
 
 class Attack(ABC):
-    """A registered attack. Subclasses set ``name`` and ``kind`` and implement the two methods."""
+    """A registered attack. Subclasses set ``name`` and ``kind`` and implement the two methods.
+
+    What the audit and the report need to know about an attack is declared on it, never read back out of
+    its name: ``bits`` (the weight bit width it rounds to; None unless it rounds weights to a low-bit
+    format, so noise, pruning and relearning stay off the report's bits axis), ``grid`` (the RTN grid
+    relapse's own rounding puts the weights on, which the weight diagnostics measure on; None for
+    llm-compressor, whose observers choose their own scales, for the deployment formats, and for attacks
+    that do not round), and ``requires`` (the optional package it imports, None when it needs none) with
+    ``extra`` (the relapse extra that installs it, None when relapse's install never does).
+    """
 
     name: str
     kind: str  # "quantization", "noise", "pruning" or "relearning"
+    bits: int | None = None
+    grid: QuantScheme | None = None
+    requires: str | None = None
+    extra: str | None = None
+
+    def package_missing(self) -> bool:
+        """Whether the optional package this attack needs is not installed (False when it needs none)."""
+        return self.requires is not None and importlib.util.find_spec(self.requires) is None
 
     @abstractmethod
     def touched(self, model: torch.nn.Module, context: AttackContext) -> dict[str, torch.nn.Parameter]:

@@ -34,6 +34,8 @@ from relapse.errors import ConfigError
 GGUF_BLOCK = 32
 GGUF_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 BNB_FORMATS = ("nf4", "fp4", "int8")
+#: The weight bit width of each format (a GGUF format's digit after the ``q``).
+FORMAT_BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "nf4": 4, "fp4": 4, "int8": 8}
 BNB_BLOCK = 64
 
 
@@ -111,6 +113,9 @@ class DeploymentAttack(WeightRoundingAttack):
             raise ConfigError(f"unknown {family} format {fmt!r}; choose from {', '.join(formats)}")
         self.family, self.fmt = family, fmt
         self.name = f"{family}-{fmt}"
+        self.bits = FORMAT_BITS[fmt]
+        if family == "bnb":  # the GGUF formats are relapse's own torch code
+            self.requires, self.extra = "bitsandbytes", "bnb"
 
     def round_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:
         if self.family == "gguf":

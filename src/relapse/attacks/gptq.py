@@ -86,6 +86,7 @@ class GPTQAttack(CalibratedAttack):
 
     def __init__(self, scheme: QuantScheme, act_order: bool = False, damp: float = 0.01) -> None:
         self.scheme, self.act_order, self.damp = scheme, act_order, damp
+        self.grid, self.bits = scheme, scheme.bits
         self.name = scheme.name.replace("rtn-", "gptq-", 1) + ("-act" if act_order else "")
 
     def quantize_layer(self, weight: torch.Tensor, stats: LayerStats, name: str) -> torch.Tensor:

@@ -89,11 +89,16 @@ class LLMCompressorAttack(Attack):
     """llm-compressor's GPTQ or AWQ on a copy of the model, its fake-quantized weights copied back."""
 
     kind = "quantization"
+    # Installed by the user in a separate environment, never by relapse's own extras (module docstring).
+    requires = "llmcompressor"
+    # ``grid`` stays None: the library's observers choose the scales, so its codes are not relapse's RTN
+    # grid, and the weight diagnostics (which measure on that grid) do not apply.
 
     def __init__(self, algorithm: str, scheme: QuantScheme) -> None:
         if algorithm not in ALGORITHMS or scheme not in PRESETS:
             raise ConfigError(f"no llm-compressor preset for {algorithm} with {scheme.name}")
         self.algorithm, self.scheme, self.preset = algorithm, scheme, PRESETS[scheme]
+        self.bits = scheme.bits
         self.name = scheme.name.replace("rtn-", f"llmc-{algorithm}-", 1)
 
     def touched(self, model: torch.nn.Module, context: AttackContext) -> dict[str, torch.nn.Parameter]:

@@ -94,6 +94,15 @@ def _parse_relearn(name: str, rest: str) -> Attack:
     return RelearnAttack(split, steps) if lr is None else RelearnAttack(split, steps, lr)
 
 
+def attack_or_none(name: str) -> Attack | None:
+    """The attack registered under ``name``, or None for a name this version does not know: an audit
+    written by another version still has results to read, and its attacks' declarations where known."""
+    try:
+        return get_attack(name)
+    except ConfigError:
+        return None
+
+
 def parse_attacks(names: str) -> list[Attack]:
     """A comma-separated list of attack names."""
     return [get_attack(n) for n in names.split(",") if n.strip()]

@@ -16,7 +16,8 @@ class RTNAttack(WeightRoundingAttack):
     """Round every target weight to its RTN grid (fake quantization: the dequantized values are kept)."""
 
     def __init__(self, scheme: QuantScheme) -> None:
-        self.scheme = scheme
+        self.scheme = self.grid = scheme
+        self.bits = scheme.bits
         self.name = scheme.name
 
     def round_weight(self, weight: torch.Tensor, name: str) -> torch.Tensor:

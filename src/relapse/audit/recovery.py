@@ -8,6 +8,9 @@ The recovered share of the forgetting gap, per metric (docs/audit.md)::
 When the gap ``M(T) - M(U)`` is too small to divide by (the model did not forget on that metric) the
 ratio is ``None``. The retrained model under the same attack is the control: an attack that teaches (a
 relearning run on related data) raises the retrained model too, one that uncovers does not.
+
+What each metric is (its direction, its noise floor, whether it gets a ratio or may decide a verdict)
+is declared once in :mod:`relapse.metrics.catalog`; this module reads it from there.
 """
 
 from __future__ import annotations
@@ -17,36 +20,26 @@ from typing import Any
 
 import numpy as np
 
-from relapse.errors import ConfigError
 from relapse.methods.select import DEFAULT_UTILITY_FLOOR
 from relapse.metrics import bootstrap
+from relapse.metrics.catalog import metric_info, recovery_metrics, utility_gate_metrics, verdict_metrics
 
 #: A recovered share at or above this makes a verdict say "relapses".
 RELAPSE_THRESHOLD = 0.25
 
 #: One-sided metrics of the forget set (lower = forgotten); the verdict follows these. The two-sided
-#: membership metrics after them get recovery ratios in the tables but do not decide a verdict: their
-#: ideal is the retrained model's value, not the lowest, and on a small forget set they are noisy.
-VERDICT_METRICS = ("knowmem_forget", "verbmem_forget", "recall_forget")
+#: membership metrics get recovery ratios in the tables but do not decide a verdict: their ideal is the
+#: retrained model's value, not the lowest, and on a small forget set they are noisy.
+VERDICT_METRICS = verdict_metrics()
 
 #: Metrics about the forget set that get recovery ratios.
-FORGET_METRICS = (
-    "knowmem_forget",
-    "verbmem_forget",
-    "recall_forget",
-    "privleak",
-    "mia_mink_40",
-    "mia_loss",
-    "mia_minkpp_40",
-    "mia_zlib",
-    "nll_forget",
-)
+FORGET_METRICS = recovery_metrics()
 
 NO_ATTACK = "none"
 
 #: Retain-set metrics (higher = better) that say whether an unlearned model kept its utility, in order
 #: of preference: the first one measured for both the model and the target is used.
-UTILITY_METRICS = ("knowmem_retain", "recall_retain")
+UTILITY_METRICS = utility_gate_metrics()
 
 
 MIN_ABSOLUTE_GAP = 0.01
@@ -54,23 +47,12 @@ MIN_ABSOLUTE_GAP = 0.01
 this floor a target that scores ~0 (a memorised answer's NLL is ~0.02) made ratios over gaps of 3e-4."""
 
 
-#: The smallest gap worth a ratio, per metric, on the metric's own scale (the first matching prefix):
-#: PrivLeak is a percentage (its noise on a forget set of 50 is several points), the membership AUCs and
-#: recall are shares (0.02: one question in 50), KnowMem and VerbMem are ROUGE x 100, NLL is in nats.
-METRIC_MIN_GAPS = (
-    ("privleak", 5.0),
-    ("mia_", 0.02),
-    ("recall_", 0.02),
-    ("knowmem_", 1.0),
-    ("verbmem_", 1.0),
-    ("nll_", 0.05),
-)
-
-
 def min_gap(target_value: float, metric: str | None = None) -> float:
     """The smallest gap a ratio is computed for: 1% of the target's magnitude, at least 0.01, and at
-    least ``metric``'s own floor (:data:`METRIC_MIN_GAPS`) when it is named."""
-    floor = next((gap for prefix, gap in METRIC_MIN_GAPS if metric and metric.startswith(prefix)), 0.0)
+    least ``metric``'s own floor (``min_gap`` of its :class:`~relapse.metrics.catalog.MetricInfo`) when
+    it is named."""
+    info = metric_info(metric) if metric else None
+    floor = info.min_gap if info else 0.0
     return max(MIN_ABSOLUTE_GAP, floor, 0.01 * abs(target_value))
 
 
@@ -139,12 +121,11 @@ def cell_value(results: dict[str, Any], model: str, attack: str, metric: str) ->
     return cell["metrics"][metric]["value"]
 
 
-def metric_direction(results: dict[str, Any], metric: str) -> bool | None:
-    """``higher_is_better`` of ``metric`` as the audit recorded it (from any cell that has it)."""
-    for cell in results.get("cells", {}).values():
-        if metric in cell["metrics"]:
-            return cell["metrics"][metric].get("higher_is_better")
-    return None
+def metric_direction(metric: str) -> bool | None:
+    """``higher_is_better`` of ``metric`` as :mod:`relapse.metrics.catalog` declares it (None: two-sided,
+    or a name this version does not know)."""
+    info = metric_info(metric)
+    return info.higher_is_better if info else None
 
 
 def cell_key(model: str, attack: str) -> str:
@@ -219,7 +200,7 @@ def recovery_table(results: dict[str, Any]) -> dict[str, dict[str, dict[str, flo
     """
     target = _role(results, "target")
     retrained = _role(results, "retrained")
-    directions = {metric: metric_direction(results, metric) for metric in forget_metrics(results)}
+    directions = {metric: metric_direction(metric) for metric in forget_metrics(results)}
     table: dict[str, dict[str, dict[str, float | None]]] = {}
     for model in _roles(results, "unlearned"):
         per_attack: dict[str, dict[str, float | None]] = {}
@@ -409,12 +390,10 @@ def primary_metric(results: dict[str, Any]) -> str | None:
 
 def attack_kind(attack: str) -> str | None:
     """The kind of a named attack (quantization, noise, pruning, relearning), or None if unknown."""
-    from relapse.attacks.registry import get_attack
+    from relapse.attacks.registry import attack_or_none
 
-    try:
-        return get_attack(attack).kind
-    except ConfigError:  # a name this version does not know still has results to read
-        return None
+    found = attack_or_none(attack)  # a name this version does not know still has results to read
+    return found.kind if found else None
 
 
 def quantized_target_forgot(results: dict[str, Any], attack: str, metric: str) -> bool:
@@ -427,7 +406,7 @@ def quantized_target_forgot(results: dict[str, Any], attack: str, metric: str) -
     original = cell_value(results, target, NO_ATTACK, metric) if target else None
     if attacked_target is None or reference is None or original is None:
         return False
-    direction = metric_direction(results, metric)
+    direction = metric_direction(metric)
     margin = min_gap(original, metric)
     if direction is True:  # higher = forgotten (the forget answers' NLL)
         return attacked_target >= reference - margin
@@ -452,7 +431,7 @@ def relapse_verdict(results: dict[str, Any], model: str, table: dict | None = No
         return {**base, "status": "unknown", "text": "no forget metric was measured"}
     unlearned_value = cell_value(results, model, NO_ATTACK, metric)
     target_value = cell_value(results, target, NO_ATTACK, metric)
-    if share_of_gap(0.0, unlearned_value, target_value, metric_direction(results, metric), metric) is None:
+    if share_of_gap(0.0, unlearned_value, target_value, metric_direction(metric), metric) is None:
         text = f"did not forget: {metric} {_fmt(unlearned_value)} vs target {_fmt(target_value)}"
         return {**base, "status": "not-forgotten", "text": text}
     measured = [a for a in rows if cell_key(model, a) in results.get("cells", {})]
@@ -524,23 +503,24 @@ def relapse_verdict(results: dict[str, Any], model: str, table: dict | None = No
 
 def noise_control(attack: str, attacks: list[str]) -> str | None:
     """The audit's noise control of a grid attack: the noise attack whose error is that grid's
-    (``noise-like-rtn-w4-g128`` for ``rtn-w4-g128``, ``gptq-w4-g128`` and ``awq-w4-g128``), or None."""
-    from relapse.attacks.registry import get_attack
+    (``noise-like-rtn-w4-g128`` for ``rtn-w4-g128``, ``gptq-w4-g128`` and ``awq-w4-g128``), or None.
 
-    try:
-        scheme = getattr(get_attack(attack), "scheme", None)
-        if scheme is None or attack_kind(attack) != "quantization":
-            return None
-        return next(
-            (
-                a
-                for a in attacks
-                if attack_kind(a) == "noise" and getattr(get_attack(a), "scheme", None) == scheme
-            ),
-            None,
-        )
-    except ConfigError:
+    Both declare the grid as ``scheme``: the one a quantizer rounds to, the one a noise attack's error
+    imitates."""
+    from relapse.attacks.registry import attack_or_none
+
+    found = attack_or_none(attack)
+    scheme = getattr(found, "scheme", None)
+    if scheme is None or found.kind != "quantization":
         return None
+    return next(
+        (
+            a
+            for a in attacks
+            if attack_kind(a) == "noise" and getattr(attack_or_none(a), "scheme", None) == scheme
+        ),
+        None,
+    )
 
 
 def attack_decision(

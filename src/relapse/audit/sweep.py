@@ -6,7 +6,7 @@ written into ``results.json`` at once (atomically), with its per-item details in
 audit started again with the same settings skips every finished cell and recomputes none; different
 settings in the same folder are refused unless ``overwrite``.
 
-``results.json``::
+``results.json`` (read back through :func:`relapse.audit.results.load_results`, whose types follow this)::
 
     {"kind": "relapse-audit", "config": {...}, "config_hash": str,
      "models": {label: {"role": "target" | "retrained" | "unlearned", "path": str,
@@ -38,7 +38,6 @@ device says so.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Sequence
@@ -51,9 +50,11 @@ import torch
 
 from relapse.attacks.base import AttackContext, applied
 from relapse.attacks.registry import get_attack
-from relapse.audit.recovery import NO_ATTACK, VERDICT_METRICS, cell_key, finish
+from relapse.audit.recovery import NO_ATTACK, cell_key, finish
+from relapse.audit.results import RESULTS_KIND, RESULTS_NAME, load_results
 from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.errors import ConfigError
+from relapse.metrics.catalog import primary_choices
 from relapse.metrics.engine import EvalSettings, Evaluator, resolve_metrics
 from relapse.runtime import (
     LOCK_NAME,
@@ -70,8 +71,6 @@ from relapse.runtime import (
     stable_hash,
 )
 
-RESULTS_NAME = "results.json"
-
 #: The attacks of an audit when none are named (bnb-nf4 needs bitsandbytes).
 DEFAULT_ATTACKS = (
     "rtn-w8-ch",
@@ -83,7 +82,7 @@ DEFAULT_ATTACKS = (
 )
 DEFAULT_AUDIT_METRICS = "verbmem,knowmem,privleak,utility,recall,mia_loss,mia_mink_40"
 #: Metrics a verdict can follow: one-sided measures of what the forget set still holds.
-PRIMARY_METRICS = (*VERDICT_METRICS, "nll_forget")
+PRIMARY_METRICS = primary_choices()
 
 
 @dataclass
@@ -166,8 +165,8 @@ def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> dict[str, 
     path = out / RESULTS_NAME
     if path.exists():
         try:
-            existing = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            existing = load_results(out)
+        except ConfigError:  # not an audit's results (or not readable): other settings, as far as we know
             existing = None
         if existing and existing.get("config_hash") == key:
             return existing
@@ -188,7 +187,7 @@ def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> dict[str, 
                 "choose another --out, or pass --overwrite to write the audit there"
             )
     return {
-        "kind": "relapse-audit",
+        "kind": RESULTS_KIND,
         "config": config.to_json(),
         "config_hash": key,
         "models": model_labels(config),
@@ -463,17 +462,10 @@ def _diagnostics(results: dict[str, Any], config: AuditConfig, device: torch.dev
 
 
 def diagnostic_scheme(attack_name: str):
-    """The RTN grid an attack rounds to (GPTQ and AWQ round to RTN's grid), or ``None`` for attacks that
-    do not round to a grid (noise, pruning, relearning, the deployment formats)."""
-    from relapse.attacks.rtn import parse_rtn_name
+    """The RTN grid an attack rounds to (its declared ``grid``: GPTQ and AWQ round to RTN's grid), or
+    ``None`` for attacks that do not round to relapse's grid (noise, pruning, relearning, the deployment
+    formats, llm-compressor) and for names this version does not know."""
+    from relapse.attacks.registry import attack_or_none
 
-    name = attack_name
-    for prefix in ("gptq-", "awq-"):
-        if name.startswith(prefix):
-            name = "rtn-" + name.removeprefix(prefix).removesuffix("-act")
-    if not name.startswith("rtn-"):
-        return None
-    try:
-        return parse_rtn_name(name)
-    except ConfigError:
-        return None
+    attack = attack_or_none(attack_name)
+    return attack.grid if attack else None

@@ -25,12 +25,27 @@ from typing import Any
 from relapse.errors import DataError
 from relapse.runtime import atomic_write_text
 
-TEXT_SPLITS = ("forget", "retain", "holdout")
-QA_SPLITS = ("forget_qa", "retain_qa")
-OPTIONAL_QA_SPLITS = ("icl", "holdout_qa")
-OPTIONAL_TEXT_SPLITS = ("general",)
+# The split names, defined here once: each is a Benchmark field and, with ``.jsonl``, a file name.
+FORGET, RETAIN, HOLDOUT, GENERAL = "forget", "retain", "holdout", "general"
+FORGET_QA, RETAIN_QA, HOLDOUT_QA, ICL = "forget_qa", "retain_qa", "holdout_qa", "icl"
+VERBMEM = "verbmem"
+TEXT_SPLITS = (FORGET, RETAIN, HOLDOUT)
+QA_SPLITS = (FORGET_QA, RETAIN_QA)
+OPTIONAL_QA_SPLITS = (ICL, HOLDOUT_QA)
+OPTIONAL_TEXT_SPLITS = (GENERAL,)
 #: Written only when not empty, so that folders without them keep their exact file set (and data hash).
 MEMBERSHIP_SPLITS = ("mia_forget", "mia_holdout")
+#: Every split whose records are ``{"text": ...}`` and that a source can supply (membership lists aside).
+PLAIN_TEXT_SPLITS = TEXT_SPLITS + OPTIONAL_TEXT_SPLITS
+#: Every split, in the order of the benchmark's own files (the order of ``meta["files"]`` and
+#: ``meta["counts"]`` that the converters write).
+SPLITS = (*TEXT_SPLITS, *QA_SPLITS, ICL, GENERAL, HOLDOUT_QA, VERBMEM, *MEMBERSHIP_SPLITS)
+META_NAME = "meta.json"
+
+
+def split_file(name: str) -> str:
+    """The file name of split ``name`` in a benchmark folder (``forget.jsonl``)."""
+    return f"{name}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -76,15 +91,20 @@ class Benchmark:
     def validate(self) -> None:
         """Raise :class:`DataError` when the benchmark cannot be used for unlearning."""
         if not self.forget:
-            raise DataError(f"{self._where('forget.jsonl')}: the forget set is empty")
-        _check_disjoint_texts(self.forget, self.retain, "forget.jsonl", "retain.jsonl", self._where)
-        _check_disjoint_texts(self.forget, self.holdout, "forget.jsonl", "holdout.jsonl", self._where)
-        _check_disjoint_texts(self.retain, self.holdout, "retain.jsonl", "holdout.jsonl", self._where)
+            raise DataError(f"{self._where(split_file(FORGET))}: the forget set is empty")
+        for first, second in ((FORGET, RETAIN), (FORGET, HOLDOUT), (RETAIN, HOLDOUT)):
+            _check_disjoint_texts(
+                getattr(self, first),
+                getattr(self, second),
+                split_file(first),
+                split_file(second),
+                self._where,
+            )
         _check_disjoint_texts(
             [qa.question for qa in self.forget_qa],
             [qa.question for qa in self.retain_qa],
-            "forget_qa.jsonl",
-            "retain_qa.jsonl",
+            split_file(FORGET_QA),
+            split_file(RETAIN_QA),
             self._where,
             what="question",
         )
@@ -102,7 +122,7 @@ class Benchmark:
         """QA pairs of ``+``-joined split names, e.g. ``"forget+retain"`` (``_qa`` is implied)."""
         out: list[QAPair] = []
         for name in _split_names(splits):
-            attr = name if name.endswith("_qa") or name == "icl" else f"{name}_qa"
+            attr = name if name.endswith("_qa") or name == ICL else f"{name}_qa"
             if attr not in QA_SPLITS + OPTIONAL_QA_SPLITS:
                 raise DataError(f"unknown QA split {name!r}; choose from forget, retain, holdout")
             out.extend(getattr(self, attr))
@@ -111,16 +131,16 @@ class Benchmark:
     def file_contents(self) -> dict[str, str]:
         """The text of every file :meth:`save` writes, by file name."""
         files = {}
-        for name in TEXT_SPLITS + OPTIONAL_TEXT_SPLITS:
-            files[f"{name}.jsonl"] = _jsonl([{"text": t} for t in getattr(self, name)])
+        for name in PLAIN_TEXT_SPLITS:
+            files[split_file(name)] = _jsonl([{"text": t} for t in getattr(self, name)])
         for name in QA_SPLITS + OPTIONAL_QA_SPLITS:
-            files[f"{name}.jsonl"] = _jsonl([qa.to_json() for qa in getattr(self, name)])
+            files[split_file(name)] = _jsonl([qa.to_json() for qa in getattr(self, name)])
         if self.verbmem:  # written only when present, so older folders keep their exact file set
-            files["verbmem.jsonl"] = _jsonl([item.to_json() for item in self.verbmem])
+            files[split_file(VERBMEM)] = _jsonl([item.to_json() for item in self.verbmem])
         for name in MEMBERSHIP_SPLITS:
             if getattr(self, name):
-                files[f"{name}.jsonl"] = _jsonl([{"text": t} for t in getattr(self, name)])
-        files["meta.json"] = json.dumps(self.meta, indent=2) + "\n"
+                files[split_file(name)] = _jsonl([{"text": t} for t in getattr(self, name)])
+        files[META_NAME] = json.dumps(self.meta, indent=2) + "\n"
         return files
 
     def save(self, directory: Path) -> None:
@@ -157,29 +177,30 @@ def load_benchmark(directory: str | Path) -> Benchmark:
         raise DataError(f"{root} is a file; a benchmark is a folder (see docs/data-format.md)")
     if not root.is_dir():
         raise DataError(f"benchmark folder {root} does not exist")
-    texts = {name: _read_jsonl(root / f"{name}.jsonl", ("text",), required=True) for name in TEXT_SPLITS}
+    texts = {name: _read_jsonl(root / split_file(name), ("text",), required=True) for name in TEXT_SPLITS}
     qas = {
-        name: _read_jsonl(root / f"{name}.jsonl", ("question", "answer"), required=True) for name in QA_SPLITS
+        name: _read_jsonl(root / split_file(name), ("question", "answer"), required=True)
+        for name in QA_SPLITS
     }
     optional_qas = {
-        name: _read_jsonl(root / f"{name}.jsonl", ("question", "answer"), required=False)
+        name: _read_jsonl(root / split_file(name), ("question", "answer"), required=False)
         for name in OPTIONAL_QA_SPLITS
     }
-    general = _read_jsonl(root / "general.jsonl", ("text",), required=False)
-    verbmem = _read_jsonl(root / "verbmem.jsonl", ("prompt", "gt"), required=False)
+    general = _read_jsonl(root / split_file(GENERAL), ("text",), required=False)
+    verbmem = _read_jsonl(root / split_file(VERBMEM), ("prompt", "gt"), required=False)
     membership = {
-        name: _read_jsonl(root / f"{name}.jsonl", ("text",), required=False) for name in MEMBERSHIP_SPLITS
+        name: _read_jsonl(root / split_file(name), ("text",), required=False) for name in MEMBERSHIP_SPLITS
     }
-    meta_path = root / "meta.json"
+    meta_path = root / META_NAME
     meta = read_meta(meta_path) if meta_path.exists() else {}
     benchmark = Benchmark(
-        forget=[r["text"] for r in texts["forget"]],
-        retain=[r["text"] for r in texts["retain"]],
-        holdout=[r["text"] for r in texts["holdout"]],
-        forget_qa=[QAPair(r["question"], r["answer"]) for r in qas["forget_qa"]],
-        retain_qa=[QAPair(r["question"], r["answer"]) for r in qas["retain_qa"]],
-        icl=[QAPair(r["question"], r["answer"]) for r in optional_qas["icl"]],
-        holdout_qa=[QAPair(r["question"], r["answer"]) for r in optional_qas["holdout_qa"]],
+        forget=[r["text"] for r in texts[FORGET]],
+        retain=[r["text"] for r in texts[RETAIN]],
+        holdout=[r["text"] for r in texts[HOLDOUT]],
+        forget_qa=[QAPair(r["question"], r["answer"]) for r in qas[FORGET_QA]],
+        retain_qa=[QAPair(r["question"], r["answer"]) for r in qas[RETAIN_QA]],
+        icl=[QAPair(r["question"], r["answer"]) for r in optional_qas[ICL]],
+        holdout_qa=[QAPair(r["question"], r["answer"]) for r in optional_qas[HOLDOUT_QA]],
         general=[r["text"] for r in general],
         verbmem=[VerbMemItem(r["prompt"], r["gt"]) for r in verbmem],
         mia_forget=[r["text"] for r in membership["mia_forget"]],
@@ -192,11 +213,13 @@ def load_benchmark(directory: str | Path) -> Benchmark:
 
 
 def benchmark_files(directory: Path) -> list[Path]:
-    """The data files of a benchmark folder that exist, in a fixed order (for hashing)."""
+    """The data files of a benchmark folder that exist, in a fixed order (for hashing: not :data:`SPLITS`'
+    order, which would change every audit's config hash)."""
     names = (
-        TEXT_SPLITS + QA_SPLITS + OPTIONAL_QA_SPLITS + OPTIONAL_TEXT_SPLITS + ("verbmem", *MEMBERSHIP_SPLITS)
+        TEXT_SPLITS + QA_SPLITS + OPTIONAL_QA_SPLITS + OPTIONAL_TEXT_SPLITS + (VERBMEM, *MEMBERSHIP_SPLITS)
     )
-    return [Path(directory) / f"{n}.jsonl" for n in names if (Path(directory) / f"{n}.jsonl").exists()]
+    paths = [Path(directory) / split_file(name) for name in names]
+    return [path for path in paths if path.exists()]
 
 
 def read_meta(path: Path) -> dict[str, Any]:

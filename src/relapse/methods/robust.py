@@ -20,7 +20,6 @@ trained or unlearned from it). The rounded weights are the attacks' own: the dec
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,14 +55,14 @@ def check_grids(names: list[str]) -> None:
 def resolve_grids(names: list[str], model: str | Path) -> list[str]:
     """The grid names a run trains against: ``default`` expanded for ``model``, duplicates dropped."""
     from relapse.attacks.provenance import base_grid
+    from relapse.attacks.registry import get_attack
 
     resolved: list[str] = []
     for name in names:
         if name != "default":
             resolved.append(name.strip().lower())
             continue
-        has_bnb = importlib.util.find_spec("bitsandbytes") is not None
-        resolved += [g for g in DEFAULT_GRIDS if has_bnb or not g.startswith("bnb-")]
+        resolved += [g for g in DEFAULT_GRIDS if not get_attack(g).package_missing()]
         grid = base_grid(model) if Path(str(model)).expanduser().exists() else None
         resolved += list((grid or {}).get("equivalent_attacks", [])[:1])
     return list(dict.fromkeys(resolved))

@@ -11,10 +11,12 @@ A metric that is a mean over items (KnowMem, VerbMem, QA recall, answer NLL) als
 token count and summed NLL). The audit's bootstrap intervals resample them
 (:mod:`relapse.metrics.bootstrap`).
 
-``higher_is_better`` is ``False`` for what a model should forget (VerbMem and KnowMem on the forget set),
-``True`` for utility, and ``None`` for two-sided numbers whose ideal is ``best`` (an AUC of 0.5, a
-PrivLeak of 0). The Evaluator caches what several metrics share: one scoring pass over the forget and
-holdout texts feeds PrivLeak and every MIA variant, and generations are cached by prompt set.
+``higher_is_better`` and ``best`` are each metric's declaration in :mod:`relapse.metrics.catalog`
+(``False`` for what a model should forget, ``True`` for utility, ``None`` for two-sided numbers whose
+ideal is ``best``), copied into every result so that a results file reads on its own.
+
+The Evaluator caches what several metrics share: one scoring pass over the forget and holdout texts
+feeds PrivLeak and every MIA variant, and generations are cached by prompt set.
 
 Names (also the CLI's ``--metrics``; groups expand to several names):
 
@@ -32,7 +34,6 @@ nll               nll_forget, nll_retain (mean NLL of the answer tokens given th
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -41,10 +42,11 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from relapse.data.benchmark import Benchmark, QAPair, VerbMemItem
+from relapse.data.benchmark import FORGET, GENERAL, HOLDOUT, RETAIN, Benchmark, QAPair, VerbMemItem
 from relapse.data.prompts import KNOWMEM_STOP_STRINGS, KnowMemPrompt, derive_verbmem, normalize_answer
 from relapse.errors import ConfigError, DataError
 from relapse.metrics import mia
+from relapse.metrics.catalog import metric_info, mink_parameters
 from relapse.metrics.generation import greedy_generate
 from relapse.metrics.qa import qa_recall
 from relapse.metrics.rouge import rouge_l
@@ -192,10 +194,15 @@ def verbmem_forget(ev: Evaluator) -> dict[str, Any]:
                 "rougeL_recall": recall,
             }
         )
-    return _rouge_result(per_item, higher_is_better=False, exact_key="gt")
+    return _rouge_result(per_item, _direction("verbmem_forget"), exact_key="gt")
 
 
-def _knowmem(ev: Evaluator, pairs: Sequence[QAPair], split: str, higher_is_better: bool) -> dict[str, Any]:
+def _direction(name: str) -> bool | None:
+    """``higher_is_better`` as :mod:`relapse.metrics.catalog` declares it for ``name``."""
+    return metric_info(name).higher_is_better
+
+
+def _knowmem(ev: Evaluator, pairs: Sequence[QAPair], split: str) -> dict[str, Any]:
     if not pairs:
         raise DataError(f"KnowMem on {split} needs {split}_qa.jsonl with at least one question")
     prompt = KnowMemPrompt.from_meta(ev.benchmark.meta)
@@ -215,12 +222,14 @@ def _knowmem(ev: Evaluator, pairs: Sequence[QAPair], split: str, higher_is_bette
                 "rougeL_recall": recall,
             }
         )
-    result = _rouge_result(per_item, higher_is_better=higher_is_better, exact_key="answer")
+    result = _rouge_result(per_item, _direction(f"knowmem_{split}"), exact_key="answer")
     result["prompt"] = prompt.to_json()
     return result
 
 
-def _rouge_result(per_item: list[dict[str, Any]], higher_is_better: bool, exact_key: str) -> dict[str, Any]:
+def _rouge_result(
+    per_item: list[dict[str, Any]], higher_is_better: bool | None, exact_key: str
+) -> dict[str, Any]:
     for item in per_item:
         item["exact_match"] = normalize_answer(item["generated"]) == normalize_answer(item[exact_key])
     return {
@@ -238,22 +247,22 @@ def _rouge_result(per_item: list[dict[str, Any]], higher_is_better: bool, exact_
 
 def knowmem_forget(ev: Evaluator) -> dict[str, Any]:
     """MUSE KnowMem on the forget QA set (ROUGE-L F1 x100): what the model still knows."""
-    return _knowmem(ev, ev.benchmark.forget_qa, "forget", higher_is_better=False)
+    return _knowmem(ev, ev.benchmark.forget_qa, FORGET)
 
 
 def knowmem_retain(ev: Evaluator) -> dict[str, Any]:
     """MUSE KnowMem on the retain QA set: the knowledge unlearning must keep (utility)."""
-    return _knowmem(ev, ev.benchmark.retain_qa, "retain", higher_is_better=True)
+    return _knowmem(ev, ev.benchmark.retain_qa, RETAIN)
 
 
 def ppl_general(ev: Evaluator) -> dict[str, Any]:
     """Perplexity on ``general.jsonl`` (token-weighted over all texts): general language utility."""
     if not ev.benchmark.general:
         raise DataError("perplexity needs general.jsonl (general text the model should still model)")
-    scores = ev.scores("general")
+    scores = ev.scores(GENERAL)
     return {
         "value": perplexity(scores),
-        "higher_is_better": False,
+        "higher_is_better": _direction("ppl_general"),
         "best": None,
         "views": {"mean_nll": _mean([s.nll for s in scores])},
         "per_item": [{"tokens": s.n_tokens, "perplexity": math.exp(s.nll)} for s in scores],
@@ -265,18 +274,21 @@ def ppl_general(ev: Evaluator) -> dict[str, Any]:
     }
 
 
-def _membership_result(ev: Evaluator, membership: Callable[[str, int, TokenScores], float]) -> dict[str, Any]:
+def _membership_result(
+    ev: Evaluator, name: str, membership: Callable[[str, int, TokenScores], float]
+) -> dict[str, Any]:
     if not ev.texts("mia_holdout"):
         raise DataError("membership inference needs holdout.jsonl texts the model never saw")
     splits = {
         split: [membership(f"mia_{split}", i, s) for i, s in enumerate(ev.scores(f"mia_{split}"))]
-        for split in ("forget", "holdout")
+        for split in (FORGET, HOLDOUT)
     }
-    auc = mia.membership_auc(splits["forget"], splits["holdout"])
+    auc = mia.membership_auc(splits[FORGET], splits[HOLDOUT])
+    info = metric_info(name)
     return {
         "value": auc,
-        "higher_is_better": None,
-        "best": 0.5,
+        "higher_is_better": info.higher_is_better,
+        "best": info.best,
         "views": {},
         "member_scores": splits,  # for the AUC's bootstrap interval (relapse.metrics.bootstrap)
         "per_item": [
@@ -289,26 +301,27 @@ def _membership_result(ev: Evaluator, membership: Callable[[str, int, TokenScore
 
 def mia_loss(ev: Evaluator) -> dict[str, Any]:
     """AUC of the LOSS attack (forget = 0, holdout = 1; near 0: the forget set is still recognised)."""
-    return _membership_result(ev, lambda split, i, s: mia.loss_membership(s))
+    return _membership_result(ev, "mia_loss", lambda split, i, s: mia.loss_membership(s))
 
 
 def mia_zlib(ev: Evaluator) -> dict[str, Any]:
     """AUC of the zlib-ratio attack."""
-    return _membership_result(ev, lambda split, i, s: mia.zlib_membership(s, ev.texts(split)[i]))
+    return _membership_result(ev, "mia_zlib", lambda split, i, s: mia.zlib_membership(s, ev.texts(split)[i]))
 
 
 def mia_lowercase(ev: Evaluator) -> dict[str, Any]:
     """AUC of the lowercase-ratio attack (one more scoring pass, over lower-cased texts)."""
     return _membership_result(
-        ev, lambda split, i, s: mia.lowercase_membership(s, ev.scores(f"{split}:lower")[i])
+        ev, "mia_lowercase", lambda split, i, s: mia.lowercase_membership(s, ev.scores(f"{split}:lower")[i])
     )
 
 
 def _mink(k: int, plus_plus: bool) -> Callable[[Evaluator], dict[str, Any]]:
+    name = f"mia_mink{'pp' if plus_plus else ''}_{k}"
+
     def compute(ev: Evaluator) -> dict[str, Any]:
-        if plus_plus:
-            return _membership_result(ev, lambda split, i, s: mia.min_k_plus_plus_membership(s, k / 100))
-        return _membership_result(ev, lambda split, i, s: mia.min_k_membership(s, k / 100))
+        score = mia.min_k_plus_plus_membership if plus_plus else mia.min_k_membership
+        return _membership_result(ev, name, lambda split, i, s: score(s, k / 100))
 
     compute.__doc__ = f"AUC of Min-K%{'++' if plus_plus else ''} Prob with K = {k}%."
     return compute
@@ -323,10 +336,11 @@ def privleak(ev: Evaluator) -> dict[str, Any]:
             f"(MUSE's: news {mia.MUSE_RETRAINED_AUC['news']}, books {mia.MUSE_RETRAINED_AUC['books']})"
         )
     auc_result = _mink(round(mia.PRIVLEAK_K * 100), plus_plus=False)(ev)
+    info = metric_info("privleak")
     return {
         "value": mia.privleak(auc_result["value"], reference),
-        "higher_is_better": None,
-        "best": 0.0,
+        "higher_is_better": info.higher_is_better,
+        "best": info.best,
         "auc": auc_result["value"],
         "retrained_auc": reference,
         "views": {"auc": auc_result["value"], "retrained_auc": reference},
@@ -337,22 +351,22 @@ def privleak(ev: Evaluator) -> dict[str, Any]:
 
 def recall_forget(ev: Evaluator) -> dict[str, Any]:
     """Zero-shot exact-match QA recall on the forget set (the quick check training uses)."""
-    return _recall(ev, ev.benchmark.forget_qa, higher_is_better=False)
+    return _recall(ev, ev.benchmark.forget_qa, _direction("recall_forget"))
 
 
 def recall_retain(ev: Evaluator) -> dict[str, Any]:
     """Zero-shot exact-match QA recall on the retain set."""
-    return _recall(ev, ev.benchmark.retain_qa, higher_is_better=True)
+    return _recall(ev, ev.benchmark.retain_qa, _direction("recall_retain"))
 
 
-def _recall(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool) -> dict[str, Any]:
+def _recall(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool | None) -> dict[str, Any]:
     result = qa_recall(ev.model, ev.tokenizer, pairs, batch_size=ev.settings.batch_size or 64)
     result.update(higher_is_better=higher_is_better, best=None, views={})
     result["item_values"] = [float(item["correct"]) for item in result["per_item"]]
     return result
 
 
-def _answer_nll(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool) -> dict[str, Any]:
+def _answer_nll(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool | None) -> dict[str, Any]:
     """Mean NLL per answer token of each QA pair under teacher forcing, with the zero-shot prompt.
 
     A softer view than exact-match recall: it moves before any answer flips, so it shows small
@@ -395,12 +409,12 @@ def _answer_nll(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool) 
 
 def nll_forget(ev: Evaluator) -> dict[str, Any]:
     """Mean answer NLL on the forget QA set (higher: more forgotten)."""
-    return _answer_nll(ev, ev.benchmark.forget_qa, higher_is_better=True)
+    return _answer_nll(ev, ev.benchmark.forget_qa, _direction("nll_forget"))
 
 
 def nll_retain(ev: Evaluator) -> dict[str, Any]:
     """Mean answer NLL on the retain QA set (lower: knowledge kept)."""
-    return _answer_nll(ev, ev.benchmark.retain_qa, higher_is_better=False)
+    return _answer_nll(ev, ev.benchmark.retain_qa, _direction("nll_retain"))
 
 
 _FIXED: dict[str, Callable[[Evaluator], dict[str, Any]]] = {
@@ -417,16 +431,15 @@ _FIXED: dict[str, Callable[[Evaluator], dict[str, Any]]] = {
     "nll_forget": nll_forget,
     "nll_retain": nll_retain,
 }
-_MINK = re.compile(r"mia_mink(pp)?_(\d+)$")
 
 
 def metric_spec(name: str) -> Callable[[Evaluator], dict[str, Any]]:
     """The function computing metric ``name`` (a :class:`ConfigError` names the choices)."""
     if name in _FIXED:
         return _FIXED[name]
-    match = _MINK.match(name)
-    if match and 1 <= int(match.group(2)) <= 100:
-        return _mink(int(match.group(2)), plus_plus=bool(match.group(1)))
+    mink = mink_parameters(name)
+    if mink:
+        return _mink(*mink)
     raise ConfigError(
         f"unknown metric {name!r}; choose from groups {', '.join(GROUPS)} or names {', '.join(_FIXED)}, "
         "mia_mink_K, mia_minkpp_K (K in 1..100)"

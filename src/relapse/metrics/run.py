@@ -9,6 +9,7 @@ from typing import Any
 
 from relapse.data.benchmark import load_benchmark
 from relapse.errors import ConfigError
+from relapse.metrics.catalog import metric_info
 from relapse.metrics.engine import DEFAULT_METRICS, EvalSettings, Evaluator, resolve_metrics
 from relapse.metrics.mia import MUSE_RETRAINED_AUC, PRIVLEAK_K
 from relapse.runtime import (
@@ -141,7 +142,7 @@ def format_results(record: dict[str, Any]) -> str:
     """The metrics of an eval record as an aligned table."""
     rows = [("metric", "value", "goal", "views")]
     for name, result in record["metrics"].items():
-        rows.append((name, _number(result["value"]), _goal(result), _views(result.get("views", {}))))
+        rows.append((name, _number(result["value"]), _goal(name), _views(result.get("views", {}))))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
     lines.insert(1, "-" * max(len(line) for line in lines))
@@ -156,12 +157,9 @@ def _number(value: float | None) -> str:
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
 
 
-def _goal(result: dict[str, Any]) -> str:
-    if result.get("higher_is_better") is True:
-        return "higher"
-    if result.get("higher_is_better") is False:
-        return "lower"
-    return f"near {result['best']:g}" if result.get("best") is not None else ""
+def _goal(name: str) -> str:
+    info = metric_info(name)
+    return (info.goal if info else None) or ""
 
 
 def _views(views: dict[str, float]) -> str:

@@ -4,7 +4,8 @@
 modules are pure functions of the results dict, so each can be used and tested on its own.
 """
 
-from relapse.report.build import build_report, load_results
+from relapse.audit.results import load_results
+from relapse.report.build import build_report
 from relapse.report.plots import attack_bits
 
 __all__ = ["attack_bits", "build_report", "load_results"]

@@ -186,7 +186,7 @@ def metric_tables(results: dict[str, Any]) -> list[Table]:
             ]
             for model in models
         ]
-        tables.append(Table(f"{metric} (goal: {goal(results, metric)})", ["model", "role", *attacks], rows))
+        tables.append(Table(f"{metric} (goal: {goal(metric)})", ["model", "role", *attacks], rows))
     return tables
 
 

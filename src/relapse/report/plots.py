@@ -12,26 +12,23 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from relapse.audit.recovery import NO_ATTACK, cell_key
+from relapse.audit.recovery import NO_ATTACK, UTILITY_METRICS, cell_key
+from relapse.metrics.catalog import metric_info, plot_forget_metrics
 
 #: Where the unattacked (floating-point) model sits on the bit-width axis.
 FLOAT_BITS = 16
 
-#: The forget metric the plots follow: the first of these that was measured.
-PLOT_FORGET_METRICS = ("knowmem_forget", "recall_forget", "verbmem_forget")
+#: The forget metric the plots follow: the first of these that was measured (``plot_rank`` in
+#: :mod:`relapse.metrics.catalog`).
+PLOT_FORGET_METRICS = plot_forget_metrics()
 
-#: The utility metric of the trade-off plot: the first of these that was measured.
-PLOT_UTILITY_METRICS = ("knowmem_retain", "recall_retain")
+#: The utility metric of the trade-off plot: the first of these that was measured (the utility gate's).
+PLOT_UTILITY_METRICS = UTILITY_METRICS
 
 DPI = 110
-
-_GRID_BITS = re.compile(r"^(?:llmc-)?(?:rtn|gptq|awq)-w(\d+)(?:-|$)")
-_GGUF_BITS = re.compile(r"^gguf-q(\d+)(?:_|$)")
-_BNB_BITS = {"bnb-nf4": 4, "bnb-fp4": 4, "bnb-int8": 8}
 
 
 @dataclass(frozen=True)
@@ -46,21 +43,32 @@ class Plot:
 
 
 def attack_bits(name: str) -> int | None:
-    """The weight bit width an attack quantizes to, ``FLOAT_BITS`` for ``none``, else ``None``.
+    """The weight bit width an attack quantizes to (its declared ``bits``), ``FLOAT_BITS`` for ``none``,
+    else ``None``.
 
     Only attacks that round weights to a low-bit format have a bit width: noise shaped like a quantizer's
-    error (``noise-like-rtn-w4-g128``), pruning and relearning do not, so they stay off the bits axis.
+    error (``noise-like-rtn-w4-g128``), pruning and relearning do not, so they stay off the bits axis; so
+    does a name this version does not know.
     """
-    text = name.strip().lower()
-    if text == NO_ATTACK:
+    if name.strip().lower() == NO_ATTACK:
         return FLOAT_BITS
-    if text in _BNB_BITS:
-        return _BNB_BITS[text]
-    for pattern in (_GRID_BITS, _GGUF_BITS):
-        match = pattern.match(text)
-        if match:
-            return int(match.group(1))
-    return None
+    attack = _attack(name)
+    return attack.bits if attack else None
+
+
+def _attack(name: str):
+    """The registered attack of that name, or None (imported here: reading the report needs no torch)."""
+    from relapse.attacks.registry import attack_or_none
+
+    return attack_or_none(name)
+
+
+def _plain_rounding(name: str) -> bool:
+    """Whether ``name`` is the model as it is or plain RTN rounding (what GPTQ, AWQ and the others
+    refine), the attack the bits plot prefers where several share a bit width."""
+    from relapse.attacks.weights import RTNAttack
+
+    return name == NO_ATTACK or isinstance(_attack(name), RTNAttack)
 
 
 def measured_metrics(results: dict[str, Any]) -> list[str]:
@@ -94,19 +102,11 @@ def models_with_role(results: dict[str, Any], role: str) -> list[str]:
     return [label for label, info in results.get("models", {}).items() if info.get("role") == role]
 
 
-def goal(results: dict[str, Any], metric: str) -> str:
-    """``lower``, ``higher`` or ``near X``: which way a metric should go, from its recorded result."""
-    for cell in results.get("cells", {}).values():
-        entry = cell.get("metrics", {}).get(metric)
-        if not isinstance(entry, dict) or "higher_is_better" not in entry:
-            continue
-        if entry["higher_is_better"] is True:
-            return "higher"
-        if entry["higher_is_better"] is False:
-            return "lower"
-        if entry.get("best") is not None:
-            return f"near {entry['best']:g}"
-    return "unknown"
+def goal(metric: str) -> str:
+    """``lower``, ``higher`` or ``near X``: which way a metric should go, as its declaration says
+    (:attr:`relapse.metrics.catalog.MetricInfo.goal`); ``unknown`` for a name this version does not know."""
+    info = metric_info(metric)
+    return (info.goal if info else None) or "unknown"
 
 
 def bits_points(results: dict[str, Any], model: str, metric: str) -> list[tuple[int, str, float]]:
@@ -122,7 +122,7 @@ def bits_points(results: dict[str, Any], model: str, metric: str) -> list[tuple[
         number = value(results, model, attack, metric)
         if bits is None or number is None:
             continue
-        rank = order if attack.startswith("rtn-") or attack == NO_ATTACK else order + len(attacks)
+        rank = order if _plain_rounding(attack) else order + len(attacks)
         if bits not in chosen or rank < chosen[bits][0]:
             chosen[bits] = (rank, attack, number)
     return [(bits, attack, number) for bits, (_, attack, number) in sorted(chosen.items())]
@@ -182,7 +182,7 @@ def plot_bits(results: dict[str, Any]) -> Plot:
     axes.minorticks_off()
     axes.invert_xaxis()  # read left to right as ever harsher rounding
     axes.set_xlabel("weight bits (rtn preferred where several attacks share a width)")
-    axes.set_ylabel(f"{metric} (goal: {goal(results, metric)})")
+    axes.set_ylabel(f"{metric} (goal: {goal(metric)})")
     axes.set_title(f"{metric} vs bit width", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
@@ -278,8 +278,8 @@ def plot_tradeoff(results: dict[str, Any]) -> Plot:
             axes.scatter([base[0]], [base[1]], s=70, color=color, marker=markers.get(role, "o"), zorder=3)
             name_role = model if model == role else f"{model} ({role})"
             axes.annotate(plain(name_role), base, xytext=(5, 5), textcoords="offset points", fontsize=8)
-    axes.set_xlabel(f"{forget} (goal: {goal(results, forget)})")
-    axes.set_ylabel(f"{utility} (goal: {goal(results, utility)})")
+    axes.set_xlabel(f"{forget} (goal: {goal(forget)})")
+    axes.set_ylabel(f"{utility} (goal: {goal(utility)})")
     axes.set_title("utility vs forgetting (large: unattacked, small: attacked)", fontsize=9)
     axes.grid(alpha=0.3)
     alt = f"Scatter plot of {utility} against {forget} for every model, unattacked (large labelled "

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relapse.data.benchmark import Benchmark, QAPair, VerbMemItem
+from relapse.data.benchmark import PLAIN_TEXT_SPLITS, SPLITS, Benchmark, QAPair, VerbMemItem
 from relapse.errors import DataError
 
 #: ``meta["format"]`` of every converted folder.
@@ -27,22 +27,10 @@ PathsArg = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
 JSON_EXTS = (".json", ".jsonl")
 
 #: The splits a converter reads as texts (the others hold QA pairs or VerbMem items).
-TEXT_SOURCE_SPLITS = ("forget", "retain", "holdout", "general")
+TEXT_SOURCE_SPLITS = PLAIN_TEXT_SPLITS
 
 #: The order of ``meta["files"]``: the order of the benchmark's own files.
-FILE_ORDER = (
-    "forget",
-    "retain",
-    "holdout",
-    "forget_qa",
-    "retain_qa",
-    "icl",
-    "general",
-    "holdout_qa",
-    "verbmem",
-    "mia_forget",
-    "mia_holdout",
-)
+FILE_ORDER = SPLITS
 
 _NOT_JSON = object()
 
@@ -166,11 +154,7 @@ def relative_name(path: Path, root: Path) -> str:
 
 
 def _counts(benchmark: Benchmark) -> dict[str, int]:
-    names = ("forget", "retain", "holdout", "forget_qa", "retain_qa", "icl", "general", "holdout_qa")
-    counts = {name: len(getattr(benchmark, name)) for name in names}
-    for name in ("verbmem", "mia_forget", "mia_holdout"):
-        counts[name] = len(getattr(benchmark, name))
-    return counts
+    return {name: len(getattr(benchmark, name)) for name in SPLITS}
 
 
 def finish(benchmark: Benchmark, files: dict[str, list[str]]) -> Benchmark:

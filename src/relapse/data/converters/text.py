@@ -6,7 +6,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from relapse.data.benchmark import Benchmark
+from relapse.data.benchmark import (
+    FORGET_QA,
+    HOLDOUT_QA,
+    ICL,
+    PLAIN_TEXT_SPLITS,
+    RETAIN_QA,
+    VERBMEM,
+    Benchmark,
+)
 from relapse.data.converters.common import (
     FORMAT,
     JSON_EXTS,
@@ -112,17 +120,7 @@ def from_text(
 
 
 #: The files :func:`from_text_folder` looks for, by split.
-FOLDER_SPLITS = (
-    "forget",
-    "retain",
-    "holdout",
-    "general",
-    "forget_qa",
-    "retain_qa",
-    "holdout_qa",
-    "icl",
-    "verbmem",
-)
+FOLDER_SPLITS = (*PLAIN_TEXT_SPLITS, FORGET_QA, RETAIN_QA, HOLDOUT_QA, ICL, VERBMEM)
 
 
 def from_text_folder(
