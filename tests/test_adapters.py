@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from relapse.cli.convert import add as add_convert_parser
 from relapse.data import load_benchmark
 from relapse.data.adapters import from_hf, from_muse, from_text, from_tofu
 from relapse.data.benchmark import QAPair, VerbMemItem
-from relapse.data.convert_cli import add_convert_parser
 from relapse.errors import ConfigError, DataError, RelapseError
 
 # ---------------------------------------------------------------------------------------------- helpers
