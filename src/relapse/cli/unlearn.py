@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relapse.cli.common import add_common_training, add_overwrite, run_summary
+
+if TYPE_CHECKING:
+    from relapse.methods.unlearn import UnlearnResult
 
 HELP = "unlearn the forget set from a model (GA, NPO, +GDR/KLR, optionally SURE's mask)"
 
@@ -52,7 +56,8 @@ def execute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_record(result) -> None:
+def _print_record(result: UnlearnResult) -> None:
+    """The run's summary line, then a line for each of selection, over-unlearning, robustness and SURE."""
     record = result.record
     print(
         f"{result.path}: {record['method']}, {run_summary(result, 'cached, unlearned earlier')}; "
