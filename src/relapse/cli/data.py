@@ -1,0 +1,14 @@
+"""``relapse data``: the commands that write benchmark folders (``synth``, ``convert``)."""
+
+from __future__ import annotations
+
+from relapse.cli import convert, synth
+
+HELP = "benchmark data: generate the built-in benchmark, convert MUSE, TOFU, text or JSONL data"
+
+
+def add(commands) -> None:
+    data = commands.add_parser("data", help=HELP, description="Commands that write benchmark folders.")
+    data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    synth.add(data_commands)
+    convert.add(data_commands)

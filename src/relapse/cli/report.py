@@ -1,0 +1,30 @@
+"""``relapse report``: rebuild an audit's report from its results.json (nothing evaluated again)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "rebuild an audit's report from its results.json"
+
+
+def add(commands) -> None:
+    p = commands.add_parser(
+        "report",
+        help=HELP,
+        description="Recompute recovery ratios and verdicts from DIR/results.json and write report.md, "
+        "report.html and the plots into DIR (nothing is evaluated again).",
+    )
+    p.add_argument("directory", type=Path, help="an audit's --out folder")
+    p.set_defaults(func=execute)
+
+
+def execute(args: argparse.Namespace) -> int:
+    from relapse.audit.recovery import finish
+    from relapse.cli.tables import verdict_table
+    from relapse.report import build_report, load_results
+
+    paths = build_report(args.directory)
+    print(verdict_table(finish(load_results(args.directory))))
+    print(f"\nreport: {paths['report.html']}")
+    return 0
