@@ -6,12 +6,12 @@ import argparse
 from dataclasses import dataclass, field
 
 import pytest
-from relapse.training.finetune import TrainConfig
 
 from relapse.cli.fields import add_config_options, config_from_args, config_options
 from relapse.methods.unlearn import UnlearnConfig
 from relapse.models.tiny import TinyConfig
 from relapse.options import option
+from relapse.training.finetune import TrainConfig
 
 
 def _parse(cls: type, *argv: str):

@@ -1,18 +1,28 @@
-"""The methods refactor changes no number: short runs of each method, pinned bit for bit.
+"""The methods refactor changes no number: short runs of each method, pinned by the size of their update.
 
-The digests were computed with the code before methods became registered components (commit a10a5b2),
-on this benchmark and model, on a CPU with one thread. Every weight of the saved model enters the digest,
-so any change to a loss, the reference precompute, SURE's mask, bfloat16 emulation or the order of
-random draws shows up here. A deliberate change of a method's numbers must update its pin, and say why.
+The pins (``tests/method_pins.json``) are the L2 norm of every tensor's update (unlearned minus target
+weights) after five steps of each method, computed with the code as it stood before the package was
+reorganised (commit 486807e), whose weights equalled, bit for bit, those of the code before methods became
+registered components (commit a10a5b2). Any change to a loss, the reference precompute, SURE's mask,
+bfloat16 emulation or the order of random draws moves these norms by percents (the closest two shipped
+methods differ by 7% on some tensor); a frozen tensor must stay exactly frozen (a pin of 0 is compared
+exactly). A deliberate change of a method's numbers must update its pins, and say why.
+
+Why not a digest of the weights: the same code gives other bits on another CPU. PyTorch picks its kernels
+by CPU (AVX2 or AVX-512 here), and Adam's first steps turn the rounding noise of near-zero gradients into
+whole-step moves of opposite sign, so weights match bit for bit only on one kind of machine. Measured on
+one machine under three kernel choices (``ATEN_CPU_CAPABILITY`` default / avx2 / avx512): per-tensor
+update norms moved by at most 1.2e-4 relative, and 1.3e-3 for SURE with a neuron mask recomputed every
+step (a near-tie between two neurons' saliencies), whose masked tensors moved not at all; hence the
+tolerance below.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from relapse.data import synth_benchmark
@@ -39,28 +49,35 @@ RUNS: dict[str, dict] = {
     "ga-answer": {"method": "ga", "data": "qa", "tokens": "answer"},
 }
 
-PINS = {
-    "ga": "7f66cb7bd4e66a1113093d1ce27ffd25",
-    "ga+gdr": "f228ec614f918b2875924a2077229def",
-    "npo+gdr": "732355d0f85fedbb2d0f568542328a03",
-    "npo+klr": "2e96fa66874beddfde375881e43859d1",
-    "npo+klr-model": "2e96fa66874beddfde375881e43859d1",
-    "npo+klr-muse": "832c2f0497e3d4f6a4393a805e991a7b",
-    "sure": "0bce724e3fdec59e14d355258871d9c6",
-    "sure-neuron-step": "d27bd8f06fd529e744235dc1329e7d2d",
-    "npo+gdr-bf16emu": "694ff62f278f6d37104841ed998b19dd",
-    "ga-answer": "08a0b99948654655c977ebaf0fc517ca",
-}
+PINS: dict[str, dict[str, float]] = json.loads((Path(__file__).parent / "method_pins.json").read_text())
+#: Relative tolerance on each tensor's update norm (see the module docstring for what was measured).
+RTOL = 3e-3
 
 
-def weights_digest(path: Path) -> str:
-    """sha256 over every tensor's name and raw bytes, in name order (first 32 hex digits)."""
-    tensors = load_file(str(path / "model.safetensors"))
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
+def update_norms(target: Path, unlearned: Path) -> dict[str, float]:
+    """The L2 norm of each tensor's change from ``target`` to ``unlearned``, in float64."""
+    before = load_file(str(target / "model.safetensors"))
+    after = load_file(str(unlearned / "model.safetensors"))
+    return {name: float((after[name].double() - before[name].double()).norm()) for name in sorted(after)}
+
+
+def pin_mismatches(norms: dict[str, float], pins: dict[str, float], rtol: float = RTOL) -> list[str]:
+    """The tensors whose update norm is off its pin: a pinned 0 must be exactly 0, the rest within rtol."""
+    if sorted(norms) != sorted(pins):
+        return [f"tensors differ: {sorted(set(norms) ^ set(pins))}"]
+    return [
+        f"{name}: {norms[name]:.7g} vs pinned {pin:.7g}"
+        for name, pin in pins.items()
+        if (norms[name] != 0.0 if pin == 0.0 else abs(norms[name] - pin) > rtol * pin)
+    ]
+
+
+def test_pin_mismatches_sees_a_moved_frozen_tensor_and_a_small_change():
+    pins = {"a": 0.0, "b": 1.0}
+    assert pin_mismatches({"a": 0.0, "b": 1.002}, pins) == []
+    assert pin_mismatches({"a": 1e-12, "b": 1.0}, pins) == ["a: 1e-12 vs pinned 0"]
+    assert pin_mismatches({"a": 0.0, "b": 1.01}, pins) == ["b: 1.01 vs pinned 1"]
+    assert pin_mismatches({"a": 0.0}, pins) == ["tensors differ: ['b']"]
 
 
 @pytest.fixture(scope="module")
@@ -80,4 +97,4 @@ def test_method_weights_are_pinned(pin_setup, name):
     result = unlearn_model(
         target, root / "bench", root / name, config, run=RunContext(threads=1, progress=False)
     )
-    assert weights_digest(result.path) == PINS[name]
+    assert pin_mismatches(update_norms(Path(target), Path(result.path)), PINS[name]) == []
