@@ -90,8 +90,18 @@ GRIDS = {
         "unlearn_steps": 48,
         "stop_forget_recall": 0.3,
         # -fp32: the trivial remedy, the same unlearning on float32 master weights (the bf16 target's
-        # values in float32), not yet run on this cell (docs/robustness.md).
-        "variants": {"": {}, "-robust": {"robust_to": ["default"]}, "-fp32": {"weights": "float32"}},
+        # values in float32). The other methods of the robustness table, in the same bfloat16 regime at
+        # one learning rate each (selection would double the cost of a row on a CPU): SURE at 10x the
+        # baseline's rate (the paper's prescription), SimNPO+GDR, RMU, and SAM on NPO+GDR.
+        "variants": {
+            "": {},
+            "-robust": {"robust_to": ["default"]},
+            "-fp32": {"weights": "float32"},
+            "-sure": {"sure_top": 0.1, "lr": 1e-3},
+            "-simnpo": {"method": "simnpo+gdr"},
+            "-rmu": {"method": "rmu", "alpha": 10},
+            "-sam": {"sam_rho": 0.05},
+        },
     },
 }
 UNLEARN_DEFAULTS = {
@@ -135,7 +145,11 @@ def cell_experiment(
                 **({"stop_forget_recall": stop} if stop is not None else {}),
             },
             "runs": {
-                f"{method}-lr{lr:g}{tag}": {"method": method, "lr": lr, **settings}
+                f"{settings.get('method', method)}-lr{settings.get('lr', lr):g}{tag}": {
+                    "method": method,
+                    "lr": lr,
+                    **settings,
+                }
                 for method, lr in itertools.product(unlearn["methods"], grid["unlearn_lr"])
                 for tag, settings in unlearn["variants"].items()
             },
