@@ -16,6 +16,14 @@ def add(commands) -> None:
         "report.html and the plots into DIR (nothing is evaluated again).",
     )
     p.add_argument("directory", type=Path, help="an audit's --out folder")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a YAML or JSON file of published values to show beside the measured ones (kept in DIR as "
+        "reference.json for later builds; docs/references/ has MUSE's and TOFU's)",
+    )
     p.set_defaults(func=execute)
 
 
@@ -24,7 +32,7 @@ def execute(args: argparse.Namespace) -> int:
     from relapse.cli.tables import verdict_table
     from relapse.report import build_report, load_results
 
-    paths = build_report(args.directory)
+    paths = build_report(args.directory, reference=args.reference)
     print(verdict_table(finish(load_results(args.directory))))
     print(f"\nreport: {paths['report.html']}")
     return 0

@@ -23,10 +23,12 @@ from relapse.report.markdown import (
     provenance,
     quantization_lines,
     recovery_view,
+    reference_view,
     seeds_view,
     verdicts,
 )
 from relapse.report.plots import Plot
+from relapse.report.reference import Reference
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:72rem;
@@ -76,7 +78,12 @@ def plot_html(plot: Plot) -> str:
     )
 
 
-def render_html(results: dict[str, Any], plots: list[Plot], title: str = "relapse audit report") -> str:
+def render_html(
+    results: dict[str, Any],
+    plots: list[Plot],
+    title: str = "relapse audit report",
+    reference: Reference | None = None,
+) -> str:
     """The whole report as one HTML page (see the module docstring for why it embeds everything)."""
     body = [f"<h1>{escape(title)}</h1>", f"<h2>{escape(QUESTION)}</h2>"]
     found = verdicts(results)
@@ -104,6 +111,8 @@ def render_html(results: dict[str, Any], plots: list[Plot], title: str = "relaps
     body += [plot_html(plot) for plot in plots]
     body.append("<h2>Metrics</h2>")
     body += [table_html(table) for table in metric_tables(results)]
+    if reference is not None:
+        body.append(table_html(reference_view(results, reference)))
     extras = [table for table in (glance_view(results), seeds_view(results)) if table is not None]
     body += ["<h2>Recovery</h2>", *(table_html(table) for table in extras)]
     body += [table_html(recovery_view(results)), "<h2>Weight diagnostics</h2>"]

@@ -24,6 +24,7 @@ from relapse.report.plots import (
     models_with_role,
     value,
 )
+from relapse.report.reference import Reference, measured_label
 
 QUESTION = "Did my model really forget, or will it relapse?"
 
@@ -295,6 +296,30 @@ def recovery_view(results: dict[str, Any]) -> Table:
     return Table(f"Recovery under each attack ({metric})", ["model", *attacks], rows, notes)
 
 
+def reference_view(results: dict[str, Any], reference: Reference) -> Table:
+    """Each reference row's values beside the measured ones of the unattacked model of that label or role
+    (``measured / reference`` per metric)."""
+    metrics = list(dict.fromkeys(metric for values in reference.rows.values() for metric in values))
+    rows = []
+    for label, values in reference.rows.items():
+        model = measured_label(results, label)
+        cells = [label if model is None or model == label else f"{label} ({model})"]
+        for metric in metrics:
+            measured = None if model is None else value(results, model, NO_ATTACK, metric)
+            cells.append(f"{fmt_value(measured)} / {fmt_value(values.get(metric))}")
+        rows.append(cells)
+    return Table(
+        title="Measured beside the reference",
+        header=["model", *(f"{metric} (measured / reference)" for metric in metrics)],
+        rows=rows,
+        notes=[
+            f"reference: {reference.source}",
+            "measured: the unattacked model of the row's label (or the audit's only model of that role); "
+            "– where it was not measured or the audit has no such model",
+        ],
+    )
+
+
 def diagnostics_view(results: dict[str, Any]) -> Table | None:
     """Per unlearned model and grid attack, the weight diagnostics; ``None`` when none were computed."""
     diagnostics = results.get("diagnostics") or {}
@@ -354,7 +379,7 @@ def table_markdown(table: Table, level: int = 3) -> list[str]:
     return lines
 
 
-def render_markdown(results: dict[str, Any], plots: list[Plot]) -> str:
+def render_markdown(results: dict[str, Any], plots: list[Plot], reference: Reference | None = None) -> str:
     """The whole report as Markdown; plots are linked by file name (they sit next to ``report.md``)."""
     lines = ["# relapse audit report", "", f"## {QUESTION}", ""]
     found = verdicts(results)
@@ -377,6 +402,8 @@ def render_markdown(results: dict[str, Any], plots: list[Plot]) -> str:
     lines += ["## Metrics", ""]
     for table in metric_tables(results):
         lines += table_markdown(table)
+    if reference is not None:
+        lines += table_markdown(reference_view(results, reference))
     lines += ["## Recovery", ""]
     for extra in (glance_view(results), seeds_view(results)):
         lines += table_markdown(extra) if extra is not None else []
