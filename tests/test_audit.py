@@ -398,6 +398,12 @@ def test_forget_quality_is_relative_to_the_retrained_models_forget_truth_ratios_
     assert results["cells"]["target|none"]["metrics"]["tofu_forget_quality"]["value"] < 1.0
     assert results["verdicts"]["target-2"]["metric"] == "tofu_forget_quality"
     assert "tofu_forget_quality" in results["recovery"]["target-2"]["rtn-w4-g128"]
+    if jobs == 1:  # the report reads an audit of TOFU's metrics like any other
+        from relapse.report.build import build_report
+
+        written = build_report(tmp_path / "audit")
+        assert "tofu_forget_quality" in (tmp_path / "audit" / "report.md").read_text()
+        assert written
 
 
 def test_forget_quality_needs_a_retrained_model_in_the_audit(trained_small, small_benchmark_dir, tmp_path):
