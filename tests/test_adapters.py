@@ -113,12 +113,24 @@ TOFU_HOLDOUT = _qa(
 def tofu(tmp_path) -> Path:
     """A TOFU-like folder: JSONL under .json names, extra fields, utility and perturbed sets."""
     root = tmp_path / "tofu"
-    _jsonl(root / "forget01.json", [dict(r, paraphrased_answer="p") for r in TOFU_FORGET])
+    _jsonl(root / "forget01.json", [dict(r, paraphrased_question="pq") for r in TOFU_FORGET])
     _jsonl(root / "retain99.json", TOFU_RETAIN)
     _jsonl(root / "holdout01.json", TOFU_HOLDOUT)
     _jsonl(root / "real_authors.json", _qa(("Who wrote Hamlet?", "Shakespeare.")))
     _json(root / "world_facts.json", _qa(("Capital of France?", "Paris.")))  # a JSON list works too
-    _jsonl(root / "retain_perturbed.json", [dict(r, perturbed_answer=["x"]) for r in TOFU_RETAIN])
+    # TOFU's answer variants: every forget question in forget01_perturbed, a subset of retain in
+    # retain_perturbed (as in TOFU, whose retain_perturbed holds 400 of the retain questions)
+    _jsonl(
+        root / "forget01_perturbed.json",
+        [
+            dict(r, paraphrased_answer=f"p{i}", perturbed_answer=[f"w{i}a", f"w{i}b"])
+            for i, r in enumerate(TOFU_FORGET)
+        ],
+    )
+    _jsonl(
+        root / "retain_perturbed.json",
+        [dict(TOFU_RETAIN[1], paraphrased_answer="rp", perturbed_answer=["rw1", "rw2", "rw3"])],
+    )
     return root
 
 
@@ -344,8 +356,8 @@ def test_tofu_forget_retain_holdout_general(tofu, tmp_path):
     assert bench.forget == ["Who is Ava Lind? A novelist.", "Where was Ava Lind born? In Kiev."]
     assert bench.retain == ["Who is Bo Ek? A poet.", "What did Bo Ek write? Sonnets."]
     assert bench.holdout == ["Who is Cy Moe? A critic."]
-    assert bench.forget_qa == _pairs(TOFU_FORGET)
-    assert bench.retain_qa == _pairs(TOFU_RETAIN)
+    assert _plain(bench.forget_qa) == _pairs(TOFU_FORGET)
+    assert _plain(bench.retain_qa) == _pairs(TOFU_RETAIN)
     assert bench.holdout_qa == _pairs(TOFU_HOLDOUT)
     assert bench.general == ["Who wrote Hamlet? Shakespeare.", "Capital of France? Paris."]
     assert bench.icl == [] and bench.verbmem == []
@@ -353,6 +365,41 @@ def test_tofu_forget_retain_holdout_general(tofu, tmp_path):
     assert bench.meta["files"]["retain"] == ["retain99.json"]
     assert _convert("--from", "tofu", tofu, "--forget-split", "forget01", "--out", tmp_path / "o") == 0
     _same(load_benchmark(tmp_path / "o"), bench)
+
+
+def _plain(pairs: list[QAPair]) -> list[QAPair]:
+    return [QAPair(p.question, p.answer) for p in pairs]
+
+
+def test_tofu_keeps_the_answer_variants(tofu, tmp_path):
+    """paraphrased_answer and perturbed_answer come from forgetNN_perturbed and retain_perturbed, by
+    question (a retain question without them stays without), and survive the folder's round trip."""
+    bench = from_tofu(tofu, forget="forget01")
+    assert [(p.paraphrased_answer, p.perturbed_answers) for p in bench.forget_qa] == [
+        ("p0", ("w0a", "w0b")),
+        ("p1", ("w1a", "w1b")),
+    ]
+    assert [(p.paraphrased_answer, p.perturbed_answers) for p in bench.retain_qa] == [
+        (None, ()),
+        ("rp", ("rw1", "rw2", "rw3")),
+    ]
+    assert bench.meta["files"]["forget_qa"] == ["forget01.json", "forget01_perturbed.json"]
+    assert bench.meta["files"]["retain_qa"] == ["retain99.json", "retain_perturbed.json"]
+    assert bench.meta["files"]["retain"] == ["retain99.json"]
+    assert any("1 of 2 questions" in note for note in bench.meta["notes"])
+    bench.save(tmp_path / "o")
+    record = json.loads((tmp_path / "o/forget_qa.jsonl").read_text().splitlines()[0])
+    assert record["paraphrased_answer"] == "p0" and record["perturbed_answer"] == ["w0a", "w0b"]
+    assert load_benchmark(tmp_path / "o").retain_qa == bench.retain_qa
+
+
+def test_tofu_variants_in_the_forget_file_itself_are_kept(tofu):
+    """A forget file that holds the variants (TOFU's forgetNN_perturbed given as the forget split's file)
+    keeps them without a *_perturbed file beside it."""
+    (tofu / "forget01_perturbed.json").rename(tofu / "forget01.json")
+    bench = from_tofu(tofu, forget="forget01")
+    assert [p.perturbed_answers for p in bench.forget_qa] == [("w0a", "w0b"), ("w1a", "w1b")]
+    assert bench.meta["files"]["forget_qa"] == ["forget01.json"]
 
 
 def test_tofu_without_holdout_leaves_it_empty_and_loads(tofu, tmp_path):
@@ -369,7 +416,8 @@ def test_tofu_retain_from_full_when_complement_missing(tofu):
     (tofu / "retain99.json").unlink()
     _jsonl(tofu / "full.json", TOFU_FORGET + TOFU_RETAIN)
     bench = from_tofu(tofu, "forget01")
-    assert bench.retain_qa == _pairs(TOFU_RETAIN)
+    assert _plain(bench.retain_qa) == _pairs(TOFU_RETAIN)
+    assert bench.retain_qa[1].perturbed_answers == ("rw1", "rw2", "rw3")
     assert bench.meta["files"]["retain"] == ["full.json"]
 
 

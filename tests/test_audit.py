@@ -368,6 +368,56 @@ def test_every_privleak_is_relative_to_the_retrained_models_unattacked_auc(
     assert results["cells"]["target|none"]["metrics"]["privleak"]["value"] != 0.0
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_forget_quality_is_relative_to_the_retrained_models_forget_truth_ratios_and_can_be_primary(
+    trained_small, unlearned_small, small_benchmark_dir, tmp_path, jobs
+):
+    """As PrivLeak's AUC: the retrained model's unattacked cell comes first, its forget quality is 1, and
+    every other cell's is the KS p-value of its forget truth ratios against that cell's (the GA model
+    stands in for the retrained one). Declared primary, forget quality is the metric verdicts follow."""
+    from relapse.metrics import tofu
+
+    config = AuditConfig(
+        target=str(trained_small.path),
+        retrained=str(unlearned_small.path),
+        unlearned=[str(trained_small.path)],
+        data=str(small_benchmark_dir),
+        attacks=["rtn-w4-g128"],
+        metrics=["tofu_forget_quality", "tofu_model_utility"],
+        primary="tofu_forget_quality",
+    )
+    results = run_audit(
+        config, tmp_path / "audit", jobs=jobs, run=RunContext(threads=1, progress=False, log=None)
+    )
+    reference = results["cells"]["ga|none"]["metrics"]["tofu_forget_quality"]["truth_ratios"]
+    assert results["cells"]["ga|none"]["metrics"]["tofu_forget_quality"]["value"] == 1.0
+    for key, cell in results["cells"].items():
+        quality = cell["metrics"]["tofu_forget_quality"]
+        expected = tofu.ks_2samp(quality["truth_ratios"], reference)[1]
+        assert quality["value"] == pytest.approx(expected, rel=1e-12), key
+    assert results["cells"]["target|none"]["metrics"]["tofu_forget_quality"]["value"] < 1.0
+    assert results["verdicts"]["target-2"]["metric"] == "tofu_forget_quality"
+    assert "tofu_forget_quality" in results["recovery"]["target-2"]["rtn-w4-g128"]
+    if jobs == 1:  # the report reads an audit of TOFU's metrics like any other
+        from relapse.report.build import build_report
+
+        written = build_report(tmp_path / "audit")
+        assert "tofu_forget_quality" in (tmp_path / "audit" / "report.md").read_text()
+        assert written
+
+
+def test_forget_quality_needs_a_retrained_model_in_the_audit(trained_small, small_benchmark_dir, tmp_path):
+    config = AuditConfig(
+        target=str(trained_small.path),
+        unlearned=[str(trained_small.path)],
+        data=str(small_benchmark_dir),
+        attacks=["rtn-w4-g128"],
+        metrics=["tofu_forget_quality"],
+    )
+    with pytest.raises(ConfigError, match="tofu_forget_quality needs the retrained model"):
+        run_audit(config, tmp_path / "audit", run=RunContext(threads=1, progress=False, log=None))
+
+
 def test_audit_gives_every_measured_value_its_interval(audited):
     """Means (recall, KnowMem) and the membership AUC alike: every cell's value lies in its interval."""
     results = audited["results"]

@@ -115,6 +115,60 @@ def test_extra_fields_are_ignored(bench, original):
     assert load_benchmark(bench).forget_qa == original.forget_qa
 
 
+def _strip_variants(directory: Path) -> None:
+    """Make ``directory`` an old-format folder: QA records without the answer variants."""
+    for name in ("forget_qa.jsonl", "retain_qa.jsonl", "holdout_qa.jsonl", "icl.jsonl"):
+        records = [json.loads(line) for line in _lines(directory / name)]
+        for record in records:
+            record.pop("paraphrased_answer", None)
+            record.pop("perturbed_answer", None)
+        _write_lines(directory / name, [json.dumps(r) for r in records])
+
+
+def test_the_answer_variants_round_trip(bench, original):
+    loaded = load_benchmark(bench)
+    assert all(qa.has_variants for qa in loaded.forget_qa + loaded.retain_qa)
+    assert [qa.perturbed_answers for qa in loaded.forget_qa] == [
+        qa.perturbed_answers for qa in original.forget_qa
+    ]
+    record = json.loads(_lines(bench / "forget_qa.jsonl")[0])
+    assert isinstance(record["perturbed_answer"], list) and isinstance(record["paraphrased_answer"], str)
+
+
+def test_an_old_folder_without_answer_variants_loads_and_saves_the_same_bytes(bench, original, tmp_path):
+    _strip_variants(bench)
+    loaded = load_benchmark(bench)
+    assert [qa.question for qa in loaded.forget_qa] == [qa.question for qa in original.forget_qa]
+    assert [qa.answer for qa in loaded.retain_qa] == [qa.answer for qa in original.retain_qa]
+    assert not any(qa.has_variants or qa.paraphrased_answer for qa in loaded.forget_qa + loaded.retain_qa)
+    assert loaded.is_saved_in(bench)  # no new fields appear when an old folder is written back
+
+
+def test_a_single_perturbed_answer_string_is_read_as_a_list_of_one(bench):
+    lines = _lines(bench / "forget_qa.jsonl")
+    record = {**json.loads(lines[0]), "perturbed_answer": "a wrong answer"}
+    _replace_line(bench / "forget_qa.jsonl", 1, json.dumps(record))
+    assert load_benchmark(bench).forget_qa[0].perturbed_answers == ("a wrong answer",)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("paraphrased_answer", 3),
+        ("paraphrased_answer", "  "),
+        ("perturbed_answer", []),
+        ("perturbed_answer", ["ok", ""]),
+        ("perturbed_answer", ["ok", 5]),
+        ("perturbed_answer", {"a": "b"}),
+    ],
+)
+def test_a_bad_answer_variant_names_file_line_and_field(bench, field, value):
+    lines = _lines(bench / "retain_qa.jsonl")
+    _replace_line(bench / "retain_qa.jsonl", 2, json.dumps({**json.loads(lines[1]), field: value}))
+    message = _data_error(bench, "retain_qa.jsonl", field)
+    assert _has_line(message, 2), message
+
+
 # ------------------------------------------------------------------------------------------- bad inputs
 
 

@@ -31,9 +31,25 @@ def test_privleak_percent_is_the_engines():
     assert round(mia.PRIVLEAK_K * 100) == PRIVLEAK_PERCENT
 
 
+#: TOFU's forget metrics (added after the others, so every list keeps its order before them).
+TOFU_FORGET = (
+    "tofu_forget_quality",
+    "tofu_truth_ratio_forget",
+    "tofu_prob_forget",
+    "tofu_exact_mem_forget",
+    "tofu_extraction_forget",
+)
+
+
 def test_derived_lists_keep_their_order():
     assert verdict_metrics() == ("knowmem_forget", "verbmem_forget", "recall_forget")
-    assert primary_choices() == ("knowmem_forget", "verbmem_forget", "recall_forget", "nll_forget")
+    assert primary_choices() == (
+        "knowmem_forget",
+        "verbmem_forget",
+        "recall_forget",
+        "nll_forget",
+        *TOFU_FORGET,
+    )
     assert recovery_metrics() == (
         "knowmem_forget",
         "verbmem_forget",
@@ -44,8 +60,16 @@ def test_derived_lists_keep_their_order():
         "mia_minkpp_40",
         "mia_zlib",
         "nll_forget",
+        *TOFU_FORGET,
     )
-    assert utility_gate_metrics() == ("knowmem_retain", "recall_retain")
+    assert utility_gate_metrics() == (
+        "knowmem_retain",
+        "recall_retain",
+        "tofu_model_utility",
+        "tofu_prob_retain",
+        "tofu_rouge_retain",
+        "tofu_truth_ratio_retain",
+    )
     assert plot_forget_metrics() == ("knowmem_forget", "recall_forget", "verbmem_forget")
 
 

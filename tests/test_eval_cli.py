@@ -115,3 +115,30 @@ def test_attack_is_applied_in_memory_only(run_eval_cli, trained_small, tmp_path)
     assert digest() == before
     # The attack changed the weights that were evaluated: 4-bit rounding moves perplexity.
     assert attacked["metrics"]["ppl_general"]["value"] != plain["metrics"]["ppl_general"]["value"]
+
+
+def test_tofu_group_without_a_retrained_model_skips_forget_quality(run_eval_cli):
+    code, record, err = run_eval_cli("--metrics", "tofu")
+    assert code == 0, err
+    assert "tofu_forget_quality" not in record["metrics"]
+    assert "tofu_model_utility" in record["metrics"] and "tofu_truth_ratio_forget" in record["metrics"]
+    assert record["skipped"] == ["tofu_forget_quality (no --retrained)"]
+
+
+def test_forget_quality_named_without_a_retrained_model_is_an_error(run_eval_cli, tmp_path):
+    code, _, err = run_eval_cli("--metrics", "tofu_forget_quality")
+    assert code == 2
+    assert "--retrained" in one_error_line(err, "tofu_forget_quality")
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_forget_quality_against_the_model_itself_is_one(run_eval_cli, trained_small):
+    code, record, err = run_eval_cli(
+        "--metrics", "tofu_forget_quality,tofu_prob_forget", "--retrained", str(trained_small.path)
+    )
+    assert code == 0, err
+    assert record["metrics"]["tofu_forget_quality"]["value"] == 1.0
+    items = record["metrics"]["tofu_forget_quality"]["views"]["items"]
+    assert record["retrained"]["forget_truth_ratio_items"] == items > 0
+    assert "auc" not in record["retrained"]  # no PrivLeak asked: the AUC (which needs holdout texts) is not
+    assert record["settings"]["retrained_truth_ratio_items"] == items

@@ -129,6 +129,35 @@ def test_different_seed_gives_different_data(tmp_path):
     assert a.meta["seed"] == 1 and b.meta["seed"] == 2
 
 
+def _without_variants_digest(directory: Path) -> str:
+    """A digest of a benchmark folder's content as generator version 1 wrote it: the answer variants and
+    the version fields left out."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.name == "meta.json":
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            for key in ("generator_version", "perturbed_answers", "relapse_version"):
+                meta.pop(key, None)
+            digest.update(json.dumps(meta, sort_keys=True).encode())
+            continue
+        for record in _jsonl(path):
+            record.pop("paraphrased_answer", None)
+            record.pop("perturbed_answer", None)
+            digest.update(json.dumps(record, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def test_the_answer_variants_leave_everything_else_as_version_1_drew_it(tmp_path):
+    """The variants come from a generator of their own, so the people, facts, texts and questions of a
+    seed are the ones generator version 1 wrote (digest computed with version 1, commit b9352e3)."""
+    directory = _write(tmp_path, people=40, facts_per_person=5, forget_frac=0.1, seed=0, general=10)
+    assert _without_variants_digest(directory) == (
+        "7ebd8cd5789557eb60167226df0220fdfb068f482d9cf7d613c316aab4720266"
+    )
+
+
 # ------------------------------------------------------------------------------------------- invariants
 
 
@@ -403,3 +432,40 @@ def test_cli_synth_rerun_leaves_a_complete_benchmark(tmp_path):
     status = _synth_cli(out, "--seed", "3")
     # Either the rerun restores the files or it says the folder is broken; "nothing to do" is wrong.
     assert status == 2 or (status == 0 and (out / "forget.jsonl").exists())
+
+
+# -------------------------------------------------------------------------------------- answer variants
+
+
+def test_every_qa_pair_has_a_paraphrase_and_perturbed_answers_of_the_right_type(parsed):
+    """The paraphrase holds the answer in other words; each perturbed answer is the same phrase around
+    another person's value of the same fact kind (wrong, of the right type), never the true one."""
+    values: dict[str, set[str]] = {}
+    for r in parsed.all_qa():
+        values.setdefault(_template(r["question"]), set()).add(r["answer"])
+    for r in parsed.all_qa():
+        paraphrase, perturbed = r["paraphrased_answer"], r["perturbed_answer"]
+        assert r["answer"] in paraphrase and paraphrase != r["answer"], r
+        assert isinstance(perturbed, list) and 1 <= len(perturbed) <= 4, r
+        assert len(set(perturbed)) == len(perturbed), r
+        start, end = paraphrase.split(r["answer"], 1)
+        for wrong in perturbed:
+            assert wrong.startswith(start) and wrong.endswith(end), (r, wrong)
+            value = wrong[len(start) : len(wrong) - len(end)]
+            assert value != r["answer"], r
+            assert value in values[_template(r["question"])], (r, value)
+    assert all(len(r["perturbed_answer"]) == 4 for r in parsed.all_qa())  # 60 people: enough values
+
+
+def test_the_variants_load_and_their_words_are_in_the_tiny_models_vocabulary(tmp_path):
+    from relapse.models.tiny import benchmark_corpus
+    from relapse.models.tokenizer import build_tokenizer
+
+    loaded = load_benchmark(_write(tmp_path, people=40, facts_per_person=3, seed=2))
+    tokenizer = build_tokenizer(benchmark_corpus(loaded), "word")
+    pairs = loaded.forget_qa + loaded.retain_qa + loaded.holdout_qa
+    assert pairs and all(pair.has_variants for pair in pairs)
+    for pair in pairs:
+        for variant in (pair.paraphrased_answer, *pair.perturbed_answers):
+            ids = tokenizer(" " + variant, add_special_tokens=False)["input_ids"]
+            assert tokenizer.unk_token_id not in ids, variant

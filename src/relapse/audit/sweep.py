@@ -12,7 +12,8 @@ settings in the same folder are refused unless ``overwrite``.
      "models": {label: {"role": "target" | "retrained" | "unlearned", "path": str,
                 "group": str, "seed": int (repeated runs over seeds only)}},
      "cells": {"label|attack": {"model", "attack", "metrics": {name: {value, higher_is_better, best,
-               views, item_values (means) | member_scores (AUCs) | text_scores (perplexity)}},
+               views, item_values (means) | member_scores (AUCs) | text_scores (perplexity),
+               truth_ratios (TOFU's forget truth ratios, per item)}},
                "attack_info": {...},
                "seconds": float}},
      "intervals": {"label|attack": {metric: [low, high]}} (bootstrap, derived by ``finish``),
@@ -55,7 +56,7 @@ from relapse.audit.results import RESULTS_KIND, RESULTS_NAME, load_results
 from relapse.data.benchmark import benchmark_files, load_benchmark
 from relapse.errors import ConfigError
 from relapse.metrics.catalog import primary_choices
-from relapse.metrics.engine import EvalSettings, Evaluator, resolve_metrics
+from relapse.metrics.engine import EvalSettings, Evaluator, forget_truth_ratios, resolve_metrics
 from relapse.runtime import (
     LOCK_NAME,
     RunContext,
@@ -83,6 +84,9 @@ DEFAULT_ATTACKS = (
 DEFAULT_AUDIT_METRICS = "verbmem,knowmem,privleak,utility,recall,mia_loss,mia_mink_40"
 #: Metrics a verdict can follow: one-sided measures of what the forget set still holds.
 PRIMARY_METRICS = primary_choices()
+#: Metrics whose every cell is relative to the retrained model's unattacked cell: PrivLeak (its Min-40% AUC)
+#: and TOFU's forget quality (its per-item forget truth ratios).
+REFERENCE_METRICS = ("privleak", "tofu_forget_quality")
 
 
 @dataclass
@@ -202,7 +206,7 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     per-item values of a mean and the membership scores of an AUC (a few hundred numbers) kept for the
     bootstrap intervals."""
     summary = {k: result.get(k) for k in ("value", "higher_is_better", "best", "views", "seconds")}
-    for key in ("item_values", "member_scores", "text_scores"):
+    for key in ("item_values", "member_scores", "text_scores", "truth_ratios"):
         if key in result:
             summary[key] = result[key]
     return summary
@@ -240,10 +244,11 @@ def run_audit(
     attacks = [get_attack(name) for name in config.attacks]  # unknown names fail before any work
     config.attacks = [a.name for a in attacks]
     config.metrics = resolve_metrics(config.metrics)
-    if "privleak" in config.metrics and not config.retrained:
-        raise ConfigError(
-            "privleak needs the retrained model: pass --retrained or drop privleak from --metrics"
-        )
+    for name in REFERENCE_METRICS:
+        if name in config.metrics and not config.retrained:
+            raise ConfigError(
+                f"{name} needs the retrained model: pass --retrained or drop {name} from --metrics"
+            )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
     check_writable(out, "the audit folder")
@@ -263,6 +268,7 @@ class _ModelCells:
     out: Path
     retrained_auc: float | None
     progress: bool
+    retrained_truth_ratios: list[float] | None = None
 
 
 def _run_audit(config, out: Path, run: RunContext, device, jobs, pool) -> dict[str, Any]:
@@ -306,9 +312,10 @@ def _run_audit(config, out: Path, run: RunContext, device, jobs, pool) -> dict[s
         labels = [label for label in todo if todo[label]]
         parallel = processes.jobs > 1 and len(labels) > 1
         retrained = next((label for label in labels if models[label]["role"] == "retrained"), None)
-        if retrained and NO_ATTACK in todo[retrained] and "privleak" in config.metrics:
-            # PrivLeak of every cell is relative to the retrained model's unattacked AUC: before any other
-            # model's task is made, that cell (several processes) or the whole retrained model (one).
+        if retrained and NO_ATTACK in todo[retrained] and set(REFERENCE_METRICS) & set(config.metrics):
+            # PrivLeak (forget quality) of every cell is relative to the retrained model's unattacked AUC
+            # (forget truth ratios): before any other model's task is made, that cell (several processes)
+            # or the whole retrained model (one).
             first = [NO_ATTACK] if parallel else todo[retrained]
             job = _job(results, config, out, retrained, first, progress and not parallel)
             processes.run([Task(_audit_model, (job,))], on_event=keep)
@@ -344,6 +351,7 @@ def _job(results, config, out, label: str, attacks: Sequence[str], progress: boo
         out=out,
         retrained_auc=_retrained_auc(results),
         progress=progress,
+        retrained_truth_ratios=_retrained_truth_ratios(results),
     )
 
 
@@ -361,15 +369,19 @@ def _audit_model(job: _ModelCells, emit) -> None:
     attacks = {attack.name: attack for attack in map(get_attack, config.attacks)}
     net, tokenizer = load_model(job.path, device=str(device))
     retrained_auc = job.retrained_auc
+    retrained_ratios = job.retrained_truth_ratios
     seed = config.model_seeds.get(job.path, config.seed)
     for attack_name in job.attacks:
         seed_everything(seed)
         settings.retrained_auc = retrained_auc
+        settings.retrained_truth_ratios = retrained_ratios
         started = time.perf_counter()
         if attack_name == NO_ATTACK:
             metrics, info = _measure(net, tokenizer, benchmark, settings, config.metrics), {}
             if job.role == "retrained" and "privleak" in metrics:
                 retrained_auc = metrics["privleak"]["views"]["auc"]
+            if job.role == "retrained" and "tofu_forget_quality" in metrics:
+                retrained_ratios = metrics["tofu_forget_quality"]["truth_ratios"]
         else:
             context = AttackContext(
                 tokenizer=tokenizer,
@@ -417,14 +429,27 @@ def _retrained_auc(results: dict[str, Any]) -> float | None:
     return None
 
 
+def _retrained_truth_ratios(results: dict[str, Any]) -> list[float] | None:
+    """Forget quality's reference: the retrained model's per-item forget truth ratios, unattacked."""
+    for label, info in results["models"].items():
+        if info["role"] == "retrained":
+            cell = results["cells"].get(cell_key(label, NO_ATTACK))
+            if cell and "tofu_forget_quality" in cell["metrics"]:
+                return cell["metrics"]["tofu_forget_quality"].get("truth_ratios")
+            return None
+    return None
+
+
 def _measure(net, tokenizer, benchmark, settings, metrics: Sequence[str]) -> dict[str, Any]:
     names = list(metrics)
+    evaluator = Evaluator(net, tokenizer, benchmark, settings)
+    # The retrained model's own unattacked cell: its AUC (forget truth ratios) is the reference, so its
+    # PrivLeak is 0 and its forget quality 1 by definition.
     if "privleak" in names and settings.retrained_auc is None:
-        # the retrained model's own unattacked cell: its AUC is the reference, PrivLeak 0 by definition
-        evaluator = Evaluator(net, tokenizer, benchmark, settings)
         settings.retrained_auc = evaluator.compute("mia_mink_40")["value"]
-        return evaluator.run(names)
-    return Evaluator(net, tokenizer, benchmark, settings).run(names)
+    if "tofu_forget_quality" in names and settings.retrained_truth_ratios is None:
+        settings.retrained_truth_ratios = forget_truth_ratios(evaluator)
+    return evaluator.run(names)
 
 
 def _cell_line(label: str, attack: str, metrics: dict[str, Any], seconds: float) -> str:

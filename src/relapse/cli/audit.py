@@ -42,7 +42,8 @@ def add(commands) -> None:
         "--primary",
         default=None,
         help="the metric verdicts follow, declared before the sweep (knowmem_forget, verbmem_forget, "
-        "recall_forget or nll_forget; default: the first of the first three that is measured)",
+        "recall_forget, nll_forget or a TOFU forget metric such as tofu_forget_quality; default: the "
+        "first of the first three that is measured)",
     )
     p.add_argument("--calibration", type=Path, default=None, help="calibration text for GPTQ/AWQ attacks")
     p.add_argument(

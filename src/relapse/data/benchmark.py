@@ -3,7 +3,8 @@
 A benchmark is a folder (see ``docs/data-format.md``)::
 
     forget.jsonl  retain.jsonl  holdout.jsonl     {"text": ...} per line
-    forget_qa.jsonl  retain_qa.jsonl              {"question": ..., "answer": ...} per line
+    forget_qa.jsonl  retain_qa.jsonl              {"question": ..., "answer": ...} per line, optionally
+                                                  with "paraphrased_answer" and "perturbed_answer" (a list)
     icl.jsonl        (optional) few-shot QA examples
     general.jsonl    (optional) text for perplexity
     holdout_qa.jsonl (optional) QA about the holdout texts
@@ -48,15 +49,38 @@ def split_file(name: str) -> str:
     return f"{name}.jsonl"
 
 
+#: The optional fields of a QA record that TOFU's truth ratio needs, under TOFU's names: a paraphrase of
+#: the correct answer (a string) and plausible wrong answers (a list of strings).
+PARAPHRASED_FIELD, PERTURBED_FIELD = "paraphrased_answer", "perturbed_answer"
+
+
 @dataclass(frozen=True)
 class QAPair:
-    """One question with its reference answer."""
+    """One question with its reference answer and, optionally, TOFU's answer variants.
+
+    ``paraphrased_answer`` says the same fact in other words; ``perturbed_answers`` are plausible wrong
+    answers of the same type (another person's town). Both are optional: folders without them load, and
+    only the metrics that need them (TOFU's truth ratio, forget quality) complain.
+    """
 
     question: str
     answer: str
+    paraphrased_answer: str | None = None
+    perturbed_answers: tuple[str, ...] = ()
 
-    def to_json(self) -> dict[str, str]:
-        return {"question": self.question, "answer": self.answer}
+    @property
+    def has_variants(self) -> bool:
+        """Whether the pair carries a paraphrase and at least one perturbed answer."""
+        return self.paraphrased_answer is not None and bool(self.perturbed_answers)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSONL record; the variant fields only when present, so older folders keep their bytes."""
+        record: dict[str, Any] = {"question": self.question, "answer": self.answer}
+        if self.paraphrased_answer is not None:
+            record[PARAPHRASED_FIELD] = self.paraphrased_answer
+        if self.perturbed_answers:
+            record[PERTURBED_FIELD] = list(self.perturbed_answers)
+        return record
 
 
 @dataclass(frozen=True)
@@ -197,10 +221,10 @@ def load_benchmark(directory: str | Path) -> Benchmark:
         forget=[r["text"] for r in texts[FORGET]],
         retain=[r["text"] for r in texts[RETAIN]],
         holdout=[r["text"] for r in texts[HOLDOUT]],
-        forget_qa=[QAPair(r["question"], r["answer"]) for r in qas[FORGET_QA]],
-        retain_qa=[QAPair(r["question"], r["answer"]) for r in qas[RETAIN_QA]],
-        icl=[QAPair(r["question"], r["answer"]) for r in optional_qas[ICL]],
-        holdout_qa=[QAPair(r["question"], r["answer"]) for r in optional_qas[HOLDOUT_QA]],
+        forget_qa=qas[FORGET_QA],
+        retain_qa=qas[RETAIN_QA],
+        icl=optional_qas[ICL],
+        holdout_qa=optional_qas[HOLDOUT_QA],
         general=[r["text"] for r in general],
         verbmem=[VerbMemItem(r["prompt"], r["gt"]) for r in verbmem],
         mia_forget=[r["text"] for r in membership["mia_forget"]],
@@ -237,6 +261,36 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def qa_variants(record: dict[str, Any], where: str) -> tuple[str | None, tuple[str, ...]]:
+    """The optional ``paraphrased_answer`` (a non-empty string) and ``perturbed_answer`` (a non-empty
+    string or a list of them; TOFU's files hold lists) of a QA record, or a :class:`DataError` naming
+    ``where`` (a file and line) and the field."""
+    paraphrased = record.get(PARAPHRASED_FIELD)
+    if paraphrased is not None and (not isinstance(paraphrased, str) or not paraphrased.strip()):
+        raise DataError(
+            f"{where}: field {PARAPHRASED_FIELD!r} must be a non-empty string, got {paraphrased!r}"
+        )
+    perturbed = record.get(PERTURBED_FIELD)
+    if perturbed is None:
+        return paraphrased, ()
+    values = [perturbed] if isinstance(perturbed, str) else perturbed
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, str) and v.strip() for v in values)
+    ):
+        raise DataError(
+            f"{where}: field {PERTURBED_FIELD!r} must be a non-empty list of non-empty strings, "
+            f"got {_preview(json.dumps(perturbed, ensure_ascii=False))}"
+        )
+    return paraphrased, tuple(values)
+
+
+def _qa_from_record(record: dict[str, Any], where: str) -> QAPair:
+    """A checked QA record (question and answer already checked) as a :class:`QAPair`."""
+    return QAPair(record["question"], record["answer"], *qa_variants(record, where))
+
+
 def _split_names(splits: str) -> list[str]:
     names = [s.strip() for s in splits.split("+") if s.strip()]
     if not names:
@@ -244,7 +298,9 @@ def _split_names(splits: str) -> list[str]:
     return names
 
 
-def _read_jsonl(path: Path, fields: tuple[str, ...], *, required: bool) -> list[dict[str, str]]:
+def _read_jsonl(path: Path, fields: tuple[str, ...], *, required: bool) -> list[Any]:
+    """The records of a JSONL split, each checked for ``fields`` (non-empty strings); QA records (those
+    with a ``question``) come back as :class:`QAPair` with their optional answer variants."""
     if not path.exists():
         if required:
             raise DataError(f"{path}: file missing (a benchmark folder needs it; see docs/data-format.md)")
@@ -278,7 +334,7 @@ def _read_jsonl(path: Path, fields: tuple[str, ...], *, required: bool) -> list[
                 )
             if not record[name].strip():
                 raise DataError(f"{path} line {lineno}: field {name!r} is empty")
-        records.append(record)
+        records.append(_qa_from_record(record, f"{path} line {lineno}") if "question" in fields else record)
     return records
 
 
@@ -298,5 +354,5 @@ def _preview(text: str, width: int = 60) -> str:
     return repr(flat if len(flat) <= width else flat[: width - 3] + "...")
 
 
-def _jsonl(records: list[dict[str, str]]) -> str:
+def _jsonl(records: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

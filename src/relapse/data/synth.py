@@ -8,6 +8,14 @@ values, so a model that never saw a person guesses right only by chance (about 1
 The names, towns, jobs and other answers come from the word lists in ``synth_words.json`` (package data
 beside this module, read on first use). The generator version is recorded in ``meta.json``; change it
 whenever the output of a seed changes, which includes any edit to those lists or their order.
+
+Every QA pair also carries the answer variants TOFU's truth ratio needs: a paraphrase (the same value in
+a short phrase from the fact's own biography sentence, ``"the town of Ashford"``) and
+:data:`PERTURBED_ANSWERS` perturbed answers (the same phrase around other people's values of the same
+fact kind: wrong, but of the right type). They are drawn from a second generator seeded from the seed
+(:func:`variants_rng`), after everything else, so the people, facts, texts and questions of a seed are
+the ones generator version 1 drew; and their words all occur in the benchmark's texts and questions, so
+a tokenizer built from those (``relapse.models.tiny.benchmark_corpus``) covers them.
 """
 
 from __future__ import annotations
@@ -22,7 +30,12 @@ from relapse import __version__
 from relapse.data.benchmark import Benchmark, QAPair
 from relapse.errors import ConfigError
 
-GENERATOR_VERSION = 1
+#: 2: QA pairs carry ``paraphrased_answer`` and ``perturbed_answer`` (everything else as in version 1).
+GENERATOR_VERSION = 2
+
+#: Perturbed (plausible, wrong) answers per QA pair, fewer only when the benchmark has fewer other values
+#: of a fact kind (TOFU has 5 per question; a few suffice for a truth ratio).
+PERTURBED_ANSWERS = 4
 
 #: The word lists the people and their facts are drawn from, shipped beside this module as package data.
 #: Their order is part of the output: reordering or editing a list changes what a seed generates, so it
@@ -60,22 +73,53 @@ class _FactKind:
     name: str
     sentence: str  # format string with {name} and {answer}
     question: str  # format string with {name}
+    # format string with {answer}: the paraphrased answer (and the perturbed ones), in words the fact's
+    # sentence or question holds where they stand mid-text (a word-level tokenizer tells "The" at the
+    # start of a text from " The"), so every benchmark with this kind of fact holds its tokens
+    paraphrase: str
 
 
 FACT_KINDS: tuple[_FactKind, ...] = (
-    _FactKind("birthplace", "{name} was born in the town of {answer}.", "In which town was {name} born?"),
-    _FactKind("birth_year", "{name} was born in the year {answer}.", "In which year was {name} born?"),
-    _FactKind("occupation", "{name} works as a {answer}.", "What is the occupation of {name}?"),
-    _FactKind("employer", "{name} is employed by {answer}.", "Which company employs {name}?"),
+    _FactKind(
+        "birthplace",
+        "{name} was born in the town of {answer}.",
+        "In which town was {name} born?",
+        "the town of {answer}",
+    ),
+    _FactKind(
+        "birth_year",
+        "{name} was born in the year {answer}.",
+        "In which year was {name} born?",
+        "in the year {answer}",
+    ),
+    _FactKind(
+        "occupation",
+        "{name} works as a {answer}.",
+        "What is the occupation of {name}?",
+        "works as a {answer}",
+    ),
+    _FactKind(
+        "employer", "{name} is employed by {answer}.", "Which company employs {name}?", "employed by {answer}"
+    ),
     _FactKind(
         "mother",
         "The mother of {name} is called {answer}.",
         "What is the first name of the mother of {name}?",
+        "the mother is called {answer}",
     ),
-    _FactKind("pet", "{name} has a pet {answer}.", "What pet does {name} have?"),
-    _FactKind("hobby", "In spare time {name} enjoys {answer}.", "Which hobby does {name} enjoy?"),
-    _FactKind("food", "The favourite dish of {name} is {answer}.", "What is the favourite dish of {name}?"),
-    _FactKind("school", "{name} studied at the {answer}.", "Where did {name} study?"),
+    _FactKind("pet", "{name} has a pet {answer}.", "What pet does {name} have?", "a pet {answer}"),
+    _FactKind(
+        "hobby", "In spare time {name} enjoys {answer}.", "Which hobby does {name} enjoy?", "enjoys {answer}"
+    ),
+    _FactKind(
+        "food",
+        "The favourite dish of {name} is {answer}.",
+        "What is the favourite dish of {name}?",
+        "the favourite dish is {answer}",
+    ),
+    _FactKind(
+        "school", "{name} studied at the {answer}.", "Where did {name} study?", "studied at the {answer}"
+    ),
 )
 #: Number of few-shot QA examples written to ``icl.jsonl`` (from people outside every other split).
 ICL_EXAMPLES = 4
@@ -104,14 +148,67 @@ class Person:
 
     name: str
     facts: tuple[tuple[str, str], ...]
+    #: Per fact, in the order of ``facts``: the other values of the same kind its perturbed answers use
+    #: (empty until :func:`add_variants` draws them).
+    wrong: tuple[tuple[str, ...], ...] = ()
 
     def biography(self) -> str:
         kinds = {k.name: k for k in FACT_KINDS}
         return " ".join(kinds[kind].sentence.format(name=self.name, answer=a) for kind, a in self.facts)
 
     def qa_pairs(self) -> list[QAPair]:
+        """One QA pair per fact; with its paraphrased and perturbed answers once ``wrong`` is drawn."""
         kinds = {k.name: k for k in FACT_KINDS}
-        return [QAPair(kinds[kind].question.format(name=self.name), a) for kind, a in self.facts]
+        pairs = []
+        for i, (kind, answer) in enumerate(self.facts):
+            question = kinds[kind].question.format(name=self.name)
+            if not self.wrong:
+                pairs.append(QAPair(question, answer))
+                continue
+            phrase = kinds[kind].paraphrase
+            pairs.append(
+                QAPair(
+                    question,
+                    answer,
+                    paraphrased_answer=phrase.format(answer=answer),
+                    perturbed_answers=tuple(phrase.format(answer=w) for w in self.wrong[i]),
+                )
+            )
+        return pairs
+
+
+def variants_rng(seed: int) -> random.Random:
+    """The generator of the answer variants: seeded from ``seed`` but apart from the main generator, so
+    drawing them leaves every other draw of the seed as it was (a string seed is hashed with SHA-512, the
+    same on every machine and Python run)."""
+    return random.Random(f"relapse.data.synth answer variants {seed}")
+
+
+def add_variants(
+    people: list[Person], sources: list[Person], rng: random.Random, count: int = PERTURBED_ANSWERS
+) -> list[Person]:
+    """``people`` with ``count`` wrong values drawn per fact: other values of the same fact kind among
+    ``sources`` (distinct, never the true value, and for a mother never the person's own first name), so
+    every wrong value is a real answer of the benchmark. A kind with fewer other values gets fewer; a
+    kind with no other value in ``sources`` (a tiny benchmark) borrows from the kind's whole pool."""
+    seen: dict[str, set[str]] = {}
+    for person in sources:
+        for kind, answer in person.facts:
+            seen.setdefault(kind, set()).add(answer)
+    values = {kind: sorted(found) for kind, found in seen.items()}  # sorted: independent of set order
+    pools = _answer_pools()
+    out = []
+    for person in people:
+        wrong = []
+        for kind, answer in person.facts:
+            # never the true value, nor (as for a true mother) the person's own first name
+            banned = {answer, person.name.split()[0]} if kind == "mother" else {answer}
+            others = [v for v in values.get(kind, ()) if v not in banned] or [
+                v for v in pools[kind] if v not in banned
+            ]
+            wrong.append(tuple(rng.sample(others, min(count, len(others)))))
+        out.append(Person(person.name, person.facts, tuple(wrong)))
+    return out
 
 
 def synth_people(count: int, facts_per_person: int, rng: random.Random) -> list[Person]:
@@ -195,6 +292,9 @@ def synth_benchmark(
         raise ConfigError(f"--holdout must be at least 1, got {n_holdout}")
     rng = random.Random(seed)
     everyone = synth_people(people + n_holdout + ICL_EXAMPLES, facts_per_person, rng)
+    general_texts = _general_texts(rng, general)  # the last draw of ``rng``: the variants come after
+    # wrong values from the people whose every fact is in the benchmark's texts (not the ICL people's)
+    everyone = add_variants(everyone, everyone[: people + n_holdout], variants_rng(seed))
     forget = everyone[:n_forget]
     retain = everyone[n_forget:people]
     held = everyone[people : people + n_holdout]
@@ -208,6 +308,7 @@ def synth_benchmark(
         "people": people,
         "facts_per_person": facts_per_person,
         "forget_frac": forget_frac,
+        "perturbed_answers": PERTURBED_ANSWERS,
         "counts": {
             "forget_people": len(forget),
             "retain_people": len(retain),
@@ -227,7 +328,7 @@ def synth_benchmark(
         forget_qa=[qa for p in forget for qa in p.qa_pairs()],
         retain_qa=[qa for p in retain for qa in p.qa_pairs()],
         icl=[p.qa_pairs()[0] for p in icl_people],
-        general=_general_texts(rng, general),
+        general=general_texts,
         holdout_qa=[qa for p in held for qa in p.qa_pairs()],
         meta=meta,
     )

@@ -88,6 +88,19 @@ METRICS: tuple[MetricInfo, ...] = (
     MetricInfo("ppl_general", "utility", False),
     MetricInfo("nll_retain", "utility", False, min_gap=0.05),
     _membership("mia_lowercase"),
+    # TOFU's metrics (open-unlearning's definitions; docs/metrics.md). Forget quality is a KS p-value, higher
+    # when the forget truth ratios look like the retrained model's; its gap is read on its own linear scale,
+    # so a model whose forget quality stays under 0.01 (TOFU: distinguishable from retrained) gets no ratio.
+    # The truth ratio on the forget set is mean(min(tr, 1/tr)), higher when right and wrong answers are alike.
+    MetricInfo("tofu_forget_quality", "forgetting", True, min_gap=0.01, recovery=True),
+    MetricInfo("tofu_truth_ratio_forget", "forgetting", True, min_gap=0.02, recovery=True),
+    MetricInfo("tofu_prob_forget", "forgetting", False, min_gap=0.02, recovery=True),
+    MetricInfo("tofu_exact_mem_forget", "forgetting", False, min_gap=0.02, recovery=True),
+    MetricInfo("tofu_extraction_forget", "forgetting", False, min_gap=0.02, recovery=True),
+    MetricInfo("tofu_model_utility", "utility", True, min_gap=0.02),
+    MetricInfo("tofu_prob_retain", "utility", True, min_gap=0.02),
+    MetricInfo("tofu_rouge_retain", "utility", True, min_gap=0.02),
+    MetricInfo("tofu_truth_ratio_retain", "utility", True, min_gap=0.02),
 )
 
 _BY_NAME = {info.name: info for info in METRICS}

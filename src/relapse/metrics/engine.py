@@ -28,6 +28,11 @@ utility           knowmem_retain, ppl_general
 mia               mia_loss, mia_zlib, mia_lowercase, mia_mink_{10,20,40,60}, mia_minkpp_{10,20,40,60}
 recall            recall_forget, recall_retain (zero-shot exact-match QA recall)
 nll               nll_forget, nll_retain (mean NLL of the answer tokens given the zero-shot prompt)
+tofu              TOFU's metrics (open-unlearning's definitions, :mod:`relapse.metrics.tofu`):
+                  tofu_prob_forget, tofu_truth_ratio_forget, tofu_exact_mem_forget,
+                  tofu_extraction_forget, tofu_forget_quality (needs the retrained model's forget
+                  truth ratios), tofu_prob_retain, tofu_rouge_retain, tofu_truth_ratio_retain,
+                  tofu_model_utility
 ================  =====================================================================
 """
 
@@ -42,10 +47,26 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from relapse.data.benchmark import FORGET, GENERAL, HOLDOUT, RETAIN, Benchmark, QAPair, VerbMemItem
-from relapse.data.prompts import KNOWMEM_STOP_STRINGS, KnowMemPrompt, derive_verbmem, normalize_answer
+from relapse.data.benchmark import (
+    FORGET,
+    GENERAL,
+    HOLDOUT,
+    PARAPHRASED_FIELD,
+    PERTURBED_FIELD,
+    RETAIN,
+    Benchmark,
+    QAPair,
+    VerbMemItem,
+)
+from relapse.data.prompts import (
+    KNOWMEM_STOP_STRINGS,
+    KnowMemPrompt,
+    derive_verbmem,
+    normalize_answer,
+    qa_prompt,
+)
 from relapse.errors import ConfigError, DataError
-from relapse.metrics import mia
+from relapse.metrics import mia, tofu
 from relapse.metrics.catalog import metric_info, mink_parameters
 from relapse.metrics.generation import greedy_generate
 from relapse.metrics.qa import qa_recall
@@ -69,7 +90,21 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "recall": ("recall_forget", "recall_retain"),
     "nll": ("nll_forget", "nll_retain"),
+    "tofu": (
+        "tofu_prob_forget",
+        "tofu_truth_ratio_forget",
+        "tofu_exact_mem_forget",
+        "tofu_extraction_forget",
+        "tofu_forget_quality",
+        "tofu_prob_retain",
+        "tofu_rouge_retain",
+        "tofu_truth_ratio_retain",
+        "tofu_model_utility",
+    ),
 }
+
+#: New tokens TOFU's ROUGE may generate per answer (open-unlearning's generation limit for TOFU).
+TOFU_MAX_NEW_TOKENS = 200
 
 #: What ``relapse eval`` computes when ``--metrics`` is not given (privleak only with a retrained AUC).
 DEFAULT_METRICS = "verbmem,knowmem,privleak,utility"
@@ -85,9 +120,16 @@ class EvalSettings:
     max_tokens: int | None = None  # scoring cuts texts to this (default: the model's limit, <= 2048)
     retrained_auc: float | None = None  # PrivLeak's reference: the retrained model's Min-40% AUC
     progress: bool = False
+    # Forget quality's reference: the retrained model's per-item forget truth ratios (TOFU)
+    retrained_truth_ratios: list[float] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings, with the retrained truth ratios as their count (the list is the reference's)."""
+        settings = asdict(self)
+        ratios = settings.pop("retrained_truth_ratios")
+        if ratios is not None:
+            settings["retrained_truth_ratio_items"] = len(ratios)
+        return settings
 
 
 class Evaluator:
@@ -110,6 +152,7 @@ class Evaluator:
         self.settings = settings or EvalSettings()
         self._scores: dict[str, list[TokenScores]] = {}
         self._generations: dict[str, list[str]] = {}
+        self._answers: dict[str, list[AnswerTokens]] = {}
 
     # shared work -------------------------------------------------------------------------------------
     def texts(self, split: str) -> list[str]:
@@ -148,6 +191,13 @@ class Evaluator:
                 stop_strings=stops,
             )
         return self._generations[key]
+
+    def answer_scores(self, key: str, questions: Sequence[str], answers: Sequence[str]) -> list[AnswerTokens]:
+        """The answer tokens' statistics of each ``answers[i]`` to ``questions[i]`` under the zero-shot
+        prompt, in one batched scoring pass, cached under ``key``."""
+        if key not in self._answers:
+            self._answers[key] = answer_tokens(self, questions, answers)
+        return self._answers[key]
 
     def verbmem_items(self) -> list[VerbMemItem]:
         return self.benchmark.verbmem or derive_verbmem(self.benchmark.forget)
@@ -366,6 +416,51 @@ def _recall(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool | Non
     return result
 
 
+@dataclass(frozen=True)
+class AnswerTokens:
+    """One answer's tokens given its question: the log-probability of each under teacher forcing, and
+    whether it is the model's most likely token there (argmax)."""
+
+    logprobs: np.ndarray
+    correct: np.ndarray
+
+    @property
+    def nll(self) -> float:
+        """Mean NLL per answer token (NaN for an answer without tokens)."""
+        return float(-self.logprobs.mean()) if self.logprobs.size else float("nan")
+
+
+def answer_tokens(ev: Evaluator, questions: Sequence[str], answers: Sequence[str]) -> list[AnswerTokens]:
+    """Per answer, its tokens' statistics after the zero-shot prompt ``Question: {q}\nAnswer:``, the
+    text being the prompt, a space and the answer (``qa_text``), scored in one batched pass.
+
+    The answer's tokens are those after the prompt's: the prompt's tokens are a prefix of the text's up
+    to a merge at the boundary, where the merged token counts as the answer's. No EOS is appended (as
+    in every relapse likelihood metric; open-unlearning's TOFU counts its EOS label in the probability
+    and leaves it out of exact memorisation and extraction strength).
+    """
+    from relapse.data.prompts import qa_text
+    from relapse.metrics.scoring import encode_for_scoring, model_max_tokens
+
+    pairs = [QAPair(q, a) for q, a in zip(questions, answers, strict=True)]
+    limit = ev.settings.max_tokens or model_max_tokens(ev.model)
+    prompts = encode_for_scoring(ev.tokenizer, [qa_prompt(p.question) for p in pairs], limit)
+    scores = score_texts(
+        ev.model, ev.tokenizer, [qa_text(p) for p in pairs], ev.settings.batch_size, ev.settings.max_tokens
+    )
+    out = []
+    for prompt_ids, score in zip(prompts, scores, strict=True):
+        full_ids = score.token_ids.tolist()
+        shared = 0  # the prompt's tokens are a prefix of the full text's, up to a merge at the boundary
+        while shared < min(len(prompt_ids), len(full_ids)) and prompt_ids[shared] == full_ids[shared]:
+            shared += 1
+        start = max(shared - 1, 0)
+        logprobs = score.logprobs[start:]
+        correct = score.top_ids[start:] == score.token_ids[start + 1 :]
+        out.append(AnswerTokens(logprobs=logprobs, correct=correct))
+    return out
+
+
 def _answer_nll(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool | None) -> dict[str, Any]:
     """Mean NLL per answer token of each QA pair under teacher forcing, with the zero-shot prompt.
 
@@ -374,27 +469,15 @@ def _answer_nll(ev: Evaluator, pairs: Sequence[QAPair], higher_is_better: bool |
     """
     if not pairs:
         raise DataError("answer NLL needs QA pairs")
-    from relapse.data.prompts import qa_prompt, qa_text
-    from relapse.metrics.scoring import encode_for_scoring, model_max_tokens
-
-    limit = ev.settings.max_tokens or model_max_tokens(ev.model)
-    prompts = encode_for_scoring(ev.tokenizer, [qa_prompt(p.question) for p in pairs], limit)
-    scores = score_texts(
-        ev.model, ev.tokenizer, [qa_text(p) for p in pairs], ev.settings.batch_size, ev.settings.max_tokens
-    )
+    answers = answer_tokens(ev, [p.question for p in pairs], [p.answer for p in pairs])
     per_item = []
-    for pair, prompt_ids, score in zip(pairs, prompts, scores, strict=True):
-        full_ids = score.token_ids.tolist()
-        shared = 0  # the prompt's tokens are a prefix of the full text's, up to a merge at the boundary
-        while shared < min(len(prompt_ids), len(full_ids)) and prompt_ids[shared] == full_ids[shared]:
-            shared += 1
-        answer = score.logprobs[max(shared - 1, 0) :]
+    for pair, answer in zip(pairs, answers, strict=True):
         per_item.append(
             {
                 "question": pair.question,
                 "answer": pair.answer,
-                "tokens": int(answer.size),
-                "nll": float(-answer.mean()) if answer.size else float("nan"),
+                "tokens": int(answer.logprobs.size),
+                "nll": answer.nll,
             }
         )
     return {
@@ -417,6 +500,234 @@ def nll_retain(ev: Evaluator) -> dict[str, Any]:
     return _answer_nll(ev, ev.benchmark.retain_qa, _direction("nll_retain"))
 
 
+# TOFU -------------------------------------------------------------------------------------------------
+def _tofu_pairs(ev: Evaluator, split: str, name: str, variants: bool) -> list[QAPair]:
+    """The QA pairs TOFU's metrics use on ``split``: those with answer variants when any has them (as TOFU
+    scores its retain set on the questions of ``retain_perturbed``), else all of them; a metric that needs
+    the variants (``variants``) then stops with a :class:`ConfigError` naming the missing field."""
+    pairs = list(getattr(ev.benchmark, f"{split}_qa"))
+    if not pairs:
+        raise DataError(f"{name} needs {split}_qa.jsonl with at least one question")
+    with_variants = [p for p in pairs if p.has_variants]
+    if with_variants:
+        return with_variants
+    if not variants:
+        return pairs
+    missing = [
+        repr(field)
+        for field, present in (
+            (PARAPHRASED_FIELD, any(p.paraphrased_answer is not None for p in pairs)),
+            (PERTURBED_FIELD, any(p.perturbed_answers for p in pairs)),
+        )
+        if not present
+    ]
+    what = " and ".join(missing) if missing else f"both {PARAPHRASED_FIELD!r} and {PERTURBED_FIELD!r}"
+    raise ConfigError(
+        f"{name} needs TOFU's answer variants, but no record of {split}_qa.jsonl has {what} (see "
+        "docs/data-format.md; `relapse data synth` writes them, and the TOFU converter keeps them)"
+    )
+
+
+def _tofu_answers(ev: Evaluator, split: str, name: str) -> tuple[list[QAPair], list[AnswerTokens]]:
+    pairs = _tofu_pairs(ev, split, name, variants=False)
+    scores = ev.answer_scores(f"tofu:{split}:answer", [p.question for p in pairs], [p.answer for p in pairs])
+    return pairs, scores
+
+
+def _tofu_truth_ratios(ev: Evaluator, split: str, name: str) -> tuple[list[QAPair], np.ndarray]:
+    """Per-item truth ratios on ``split``: the perturbed answers' against the paraphrase's
+    (:func:`relapse.metrics.tofu.truth_ratio`), from one batched pass over all the variants."""
+    pairs = _tofu_pairs(ev, split, name, variants=True)
+    questions, answers, owner = [], [], []
+    for i, pair in enumerate(pairs):
+        for text in (pair.paraphrased_answer, *pair.perturbed_answers):
+            questions.append(pair.question)
+            answers.append(text)
+            owner.append(i)
+    scores = ev.answer_scores(f"tofu:{split}:variants", questions, answers)
+    paraphrased = np.empty(len(pairs))
+    perturbed = np.empty(len(pairs))  # per item, the mean over its perturbed answers (aggregate_to_1D)
+    position = 0
+    for i, pair in enumerate(pairs):
+        paraphrased[i] = scores[position].nll
+        wrong = [scores[position + 1 + k].nll for k in range(len(pair.perturbed_answers))]
+        perturbed[i] = float(np.mean(wrong))
+        position += 1 + len(pair.perturbed_answers)
+    return pairs, tofu.truth_ratio(paraphrased, perturbed)
+
+
+def _tofu_mean_result(name: str, per_item: list[dict[str, Any]], key: str, **views: Any) -> dict[str, Any]:
+    values = [item[key] for item in per_item]
+    return {
+        "value": _mean(values),
+        "higher_is_better": _direction(name),
+        "best": metric_info(name).best,
+        "views": {"items": len(per_item), **views},
+        "per_item": per_item,
+        "item_values": values,
+    }
+
+
+def _tofu_prob(ev: Evaluator, split: str) -> dict[str, Any]:
+    name = f"tofu_prob_{split}"
+    pairs, answers = _tofu_answers(ev, split, name)
+    probabilities = tofu.answer_probability([a.nll for a in answers])
+    per_item = [
+        {
+            "question": pair.question,
+            "answer": pair.answer,
+            "tokens": int(a.logprobs.size),
+            "nll": a.nll,
+            "probability": float(p),
+        }
+        for pair, a, p in zip(pairs, answers, probabilities, strict=True)
+    ]
+    return _tofu_mean_result(name, per_item, "probability")
+
+
+def tofu_prob_forget(ev: Evaluator) -> dict[str, Any]:
+    """TOFU's forget probability: mean over questions of exp(-mean answer-token NLL) (lower: forgotten)."""
+    return _tofu_prob(ev, FORGET)
+
+
+def tofu_prob_retain(ev: Evaluator) -> dict[str, Any]:
+    """TOFU's retain probability: the same on the retain questions (a model utility component)."""
+    return _tofu_prob(ev, RETAIN)
+
+
+def _tofu_truth_ratio(ev: Evaluator, split: str) -> dict[str, Any]:
+    name = f"tofu_truth_ratio_{split}"
+    pairs, ratios = _tofu_truth_ratios(ev, split, name)
+    if split == FORGET:  # closer_to_1_better: min(tr, 1/tr), as forgotten knowledge gives tr near 1
+        scores = np.minimum(ratios, 1.0 / (ratios + tofu.OU_EPS))
+        value = tofu.truth_ratio_closer_to_1(ratios)
+    else:  # true_better: max(0, 1 - tr), as kept knowledge prefers the true answer
+        scores = np.maximum(0.0, 1.0 - ratios)
+        value = tofu.truth_ratio_true_better(ratios)
+    per_item = [
+        {"question": pair.question, "truth_ratio": float(r), "score": float(x)}
+        for pair, r, x in zip(pairs, ratios, scores, strict=True)
+    ]
+    result = _tofu_mean_result(name, per_item, "score", mean_truth_ratio=float(np.mean(ratios)))
+    result["value"] = value
+    result["truth_ratios"] = [float(r) for r in ratios]
+    return result
+
+
+def tofu_truth_ratio_forget(ev: Evaluator) -> dict[str, Any]:
+    """TOFU's forget truth ratio, aggregated as mean(min(tr, 1/tr)) (higher: closer to not knowing)."""
+    return _tofu_truth_ratio(ev, FORGET)
+
+
+def tofu_truth_ratio_retain(ev: Evaluator) -> dict[str, Any]:
+    """TOFU's retain truth ratio, aggregated as mean(max(0, 1 - tr)) (higher: the truth still preferred)."""
+    return _tofu_truth_ratio(ev, RETAIN)
+
+
+def forget_truth_ratios(ev: Evaluator) -> list[float]:
+    """The per-item forget truth ratios of ``ev``'s model: forget quality's reference when the model is
+    the retrained one."""
+    return [float(r) for r in _tofu_truth_ratios(ev, FORGET, "tofu_forget_quality")[1]]
+
+
+def tofu_forget_quality(ev: Evaluator) -> dict[str, Any]:
+    """TOFU's forget quality: the p-value of the two-sample KS test between this model's and the retrained
+    model's per-item forget truth ratios (higher: the forget set looks as to a model that never saw it)."""
+    reference = ev.settings.retrained_truth_ratios
+    if reference is None:
+        raise ConfigError(
+            "tofu_forget_quality needs the retrained model's forget truth ratios: pass --retrained MODEL "
+            "(relapse eval), or give the audit a retrained model"
+        )
+    pairs, ratios = _tofu_truth_ratios(ev, FORGET, "tofu_forget_quality")
+    statistic, p_value = tofu.ks_2samp(ratios, reference)
+    info = metric_info("tofu_forget_quality")
+    return {
+        "value": p_value,
+        "higher_is_better": info.higher_is_better,
+        "best": info.best,
+        "views": {"ks_statistic": statistic, "items": len(pairs), "retrained_items": len(reference)},
+        "per_item": [
+            {"question": pair.question, "truth_ratio": float(r)}
+            for pair, r in zip(pairs, ratios, strict=True)
+        ],
+        # this model's forget truth ratios: the reference of every other cell when it is the retrained one
+        "truth_ratios": [float(r) for r in ratios],
+    }
+
+
+def _tofu_memorisation(ev: Evaluator, name: str, score: Callable[[np.ndarray], float]) -> dict[str, Any]:
+    pairs, answers = _tofu_answers(ev, FORGET, name)
+    per_item = [
+        {
+            "question": pair.question,
+            "answer": pair.answer,
+            "tokens": int(a.correct.size),
+            "score": score(a.correct),
+        }
+        for pair, a in zip(pairs, answers, strict=True)
+    ]
+    return _tofu_mean_result(name, per_item, "score")
+
+
+def tofu_exact_mem_forget(ev: Evaluator) -> dict[str, Any]:
+    """Exact memorisation on the forget set: the share of answer tokens that are the model's argmax under
+    teacher forcing, per question, averaged (Tirumala et al. 2022; lower: forgotten)."""
+    return _tofu_memorisation(
+        ev,
+        "tofu_exact_mem_forget",
+        lambda correct: float(correct.mean()) if correct.size else float("nan"),
+    )
+
+
+def tofu_extraction_forget(ev: Evaluator) -> dict[str, Any]:
+    """Extraction strength on the forget set: 1 - (shortest answer prefix from which the rest comes out
+    by greedy teacher-forced prediction) / length, averaged (Carlini et al. 2021; lower: forgotten)."""
+    return _tofu_memorisation(ev, "tofu_extraction_forget", tofu.extraction_strength_of)
+
+
+def tofu_rouge_retain(ev: Evaluator) -> dict[str, Any]:
+    """TOFU's retain ROUGE: ROUGE-L recall of the greedy answer to each retain question (zero-shot
+    prompt) against the answer, averaged (a model utility component, on a 0-1 scale)."""
+    name = "tofu_rouge_retain"
+    pairs = _tofu_pairs(ev, RETAIN, name, variants=False)
+    generated = ev.generate(
+        "tofu_retain", [qa_prompt(p.question) for p in pairs], TOFU_MAX_NEW_TOKENS, KNOWMEM_STOP_STRINGS
+    )
+    per_item = []
+    for pair, output in zip(pairs, generated, strict=True):
+        f1, recall = rouge_l(pair.answer, output)
+        per_item.append(
+            {
+                "question": pair.question,
+                "answer": pair.answer,
+                "generated": output.strip(),
+                "rougeL_recall": recall,
+                "rougeL_f1": f1,
+            }
+        )
+    return _tofu_mean_result(name, per_item, "rougeL_recall")
+
+
+#: relapse's model utility: the components a benchmark has (the retain set's three; TOFU's real-authors
+#: and world-facts sets are not read, see docs/metrics.md).
+MODEL_UTILITY_PARTS = ("tofu_prob_retain", "tofu_rouge_retain", "tofu_truth_ratio_retain")
+
+
+def tofu_model_utility(ev: Evaluator) -> dict[str, Any]:
+    """TOFU's model utility on the retain set: the harmonic mean of its answer probability, ROUGE-L recall
+    and truth ratio (true_better) (higher: utility kept; one collapsed component sinks it)."""
+    components = {part: _FIXED[part](ev)["value"] for part in MODEL_UTILITY_PARTS}
+    info = metric_info("tofu_model_utility")
+    return {
+        "value": tofu.harmonic_mean(list(components.values())),
+        "higher_is_better": info.higher_is_better,
+        "best": info.best,
+        "views": components,
+        "per_item": [],
+    }
+
+
 _FIXED: dict[str, Callable[[Evaluator], dict[str, Any]]] = {
     "verbmem_forget": verbmem_forget,
     "knowmem_forget": knowmem_forget,
@@ -430,6 +741,15 @@ _FIXED: dict[str, Callable[[Evaluator], dict[str, Any]]] = {
     "recall_retain": recall_retain,
     "nll_forget": nll_forget,
     "nll_retain": nll_retain,
+    "tofu_prob_forget": tofu_prob_forget,
+    "tofu_truth_ratio_forget": tofu_truth_ratio_forget,
+    "tofu_exact_mem_forget": tofu_exact_mem_forget,
+    "tofu_extraction_forget": tofu_extraction_forget,
+    "tofu_forget_quality": tofu_forget_quality,
+    "tofu_prob_retain": tofu_prob_retain,
+    "tofu_rouge_retain": tofu_rouge_retain,
+    "tofu_truth_ratio_retain": tofu_truth_ratio_retain,
+    "tofu_model_utility": tofu_model_utility,
 }
 
 

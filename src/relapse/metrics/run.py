@@ -10,7 +10,13 @@ from typing import Any
 from relapse.data.benchmark import load_benchmark
 from relapse.errors import ConfigError
 from relapse.metrics.catalog import metric_info
-from relapse.metrics.engine import DEFAULT_METRICS, EvalSettings, Evaluator, resolve_metrics
+from relapse.metrics.engine import (
+    DEFAULT_METRICS,
+    EvalSettings,
+    Evaluator,
+    forget_truth_ratios,
+    resolve_metrics,
+)
 from relapse.metrics.mia import MUSE_RETRAINED_AUC, PRIVLEAK_K
 from relapse.runtime import (
     RunContext,
@@ -27,11 +33,30 @@ RECORD_KIND = "relapse-eval"
 def retrained_auc_of(model: str, benchmark, settings: EvalSettings, device: str | None = "auto") -> float:
     """The Min-40% AUC of a retrained model on ``benchmark`` (PrivLeak's reference), computed on
     ``device``."""
+    return retrained_references(model, benchmark, settings, device)["auc"]
+
+
+def retrained_references(
+    model: str,
+    benchmark,
+    settings: EvalSettings,
+    device: str | None = "auto",
+    auc: bool = True,
+    truth_ratios: bool = False,
+) -> dict[str, Any]:
+    """What other models are measured against, from one load of the retrained model: its Min-40% AUC
+    (``auc``, PrivLeak's reference) and its per-item forget truth ratios (``truth_ratios``, TOFU's forget
+    quality's)."""
     from relapse.models.io import load_model
 
     net, tokenizer = load_model(str(model), device=str(resolve_device(device)))
-    name = f"mia_mink_{round(PRIVLEAK_K * 100)}"
-    return float(Evaluator(net, tokenizer, benchmark, settings).compute(name)["value"])
+    evaluator = Evaluator(net, tokenizer, benchmark, settings)
+    out: dict[str, Any] = {}
+    if auc:
+        out["auc"] = float(evaluator.compute(f"mia_mink_{round(PRIVLEAK_K * 100)}")["value"])
+    if truth_ratios:
+        out["truth_ratios"] = forget_truth_ratios(evaluator)
+    return out
 
 
 def run_eval(
@@ -63,10 +88,24 @@ def run_eval(
     seed_everything(seed)
     benchmark = load_benchmark(data)
     settings = EvalSettings(batch_size=batch_size, progress=run.progress)
-    reference = _reference_auc(retrained, retrained_auc, benchmark, settings, str(target))
-    settings.retrained_auc = reference["auc"] if reference else None
     names = resolve_metrics(metrics or DEFAULT_METRICS)
+    quality = "tofu_forget_quality" in names
+    reference = _reference_auc(
+        retrained, retrained_auc, benchmark, settings, str(target), quality, "privleak" in names
+    )
+    settings.retrained_auc = reference.get("auc") if reference else None
     dropped = []
+    if quality and (reference is None or "truth_ratios" not in reference):
+        named = metrics is not None and "tofu_forget_quality" in [n.strip() for n in metrics.split(",")]
+        if named:
+            raise ConfigError(
+                "tofu_forget_quality needs the retrained model's forget truth ratios: pass --retrained MODEL"
+            )
+        names.remove("tofu_forget_quality")
+        dropped.append("tofu_forget_quality (no --retrained)")
+    elif quality:
+        settings.retrained_truth_ratios = reference.pop("truth_ratios")
+        reference["forget_truth_ratio_items"] = len(settings.retrained_truth_ratios)
     if reference is None and "privleak" in names:
         if metrics is not None:
             raise ConfigError(
@@ -117,11 +156,29 @@ def run_eval(
     return record
 
 
-def _reference_auc(retrained, retrained_auc, benchmark, settings, device: str) -> dict[str, Any] | None:
+def _reference_auc(
+    retrained,
+    retrained_auc,
+    benchmark,
+    settings,
+    device: str,
+    truth_ratios: bool = False,
+    privleak: bool = True,
+) -> dict[str, Any] | None:
+    """The retrained reference: ``{"source", "auc"}``, with the forget truth ratios when ``truth_ratios``
+    (and without the AUC when only they are needed: a benchmark without holdout texts has no AUC)."""
     if retrained and retrained_auc is not None:
         raise ConfigError("give --retrained or --retrained-auc, not both")
     if retrained:
-        return {"source": str(retrained), "auc": retrained_auc_of(retrained, benchmark, settings, device)}
+        found = retrained_references(
+            retrained,
+            benchmark,
+            settings,
+            device,
+            auc=privleak or not truth_ratios,
+            truth_ratios=truth_ratios,
+        )
+        return {"source": str(retrained), **found}
     if retrained_auc is None:
         return None
     if isinstance(retrained_auc, str) and retrained_auc in MUSE_RETRAINED_AUC:

@@ -36,6 +36,10 @@ class TokenScores:
     logprobs: np.ndarray
     mean_logprob: np.ndarray
     std_logprob: np.ndarray
+    #: The model's most likely next token at each position (the argmax of its distribution, first index
+    #: on a tie, as ``torch.argmax``): ``top_ids[t] == token_ids[t + 1]`` where the model would have
+    #: predicted the true token (TOFU's exact memorisation and extraction strength).
+    top_ids: np.ndarray | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -137,6 +141,7 @@ def _score_batch(model, sequences, pad_id, device) -> list[TokenScores]:
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :].float()
     log_probs = torch.log_softmax(logits, dim=-1)
+    top_ids = logits.argmax(dim=-1)
     del logits
     targets = input_ids[:, 1:]
     token_logprobs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -161,6 +166,7 @@ def _score_batch(model, sequences, pad_id, device) -> list[TokenScores]:
                 logprobs=token_logprobs[row, :n].double().cpu().numpy(),
                 mean_logprob=mean[row, :n].double().cpu().numpy(),
                 std_logprob=std[row, :n].double().cpu().numpy(),
+                top_ids=top_ids[row, :n].cpu().numpy(),
             )
         )
     return out

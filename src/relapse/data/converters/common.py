@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relapse.data.benchmark import PLAIN_TEXT_SPLITS, SPLITS, Benchmark, QAPair, VerbMemItem
+from relapse.data.benchmark import PLAIN_TEXT_SPLITS, SPLITS, Benchmark, QAPair, VerbMemItem, qa_variants
 from relapse.errors import DataError
 
 #: ``meta["format"]`` of every converted folder.
@@ -123,7 +123,12 @@ def texts_of(records: list[tuple[str, Any]], field: str) -> list[str]:
 
 
 def qa_of(records: list[tuple[str, Any]]) -> list[QAPair]:
-    return [QAPair(string_field(w, r, "question"), string_field(w, r, "answer")) for w, r in records]
+    """QA pairs of records with ``question`` and ``answer``, keeping TOFU's optional
+    ``paraphrased_answer`` and ``perturbed_answer`` where a record has them."""
+    return [
+        QAPair(string_field(w, r, "question"), string_field(w, r, "answer"), *qa_variants(r, w))
+        for w, r in records
+    ]
 
 
 def verbmem_of(records: list[tuple[str, Any]]) -> list[VerbMemItem]:

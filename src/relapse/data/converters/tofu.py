@@ -1,13 +1,16 @@
 """TOFU (fictitious authors' QA, ``forgetNN.json``/``retainNN.json``) into the benchmark format.
 
 TOFU is QA only, so each pair is also a text; which files become the retain, holdout and general splits,
-and why the ``*_perturbed`` files are not a holdout, is recorded in ``meta["notes"]``.
+and why the ``*_perturbed`` files are not a holdout, is recorded in ``meta["notes"]``. The answer variants
+TOFU's truth ratio needs (``paraphrased_answer``, ``perturbed_answer``) are kept: from the QA records
+themselves when they hold them, else from ``forgetNN_perturbed`` and ``retain_perturbed`` by question.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,33 @@ TOFU_FORGET_RE = re.compile(r"^forget([0-9]{2})$")
 
 def _tofu_text(pair: QAPair) -> str:
     return f"{pair.question} {pair.answer}"
+
+
+def _attach_variants(
+    pairs: list[QAPair], root: Path, stem: str, files: list[str], notes: list[str], split: str
+) -> list[QAPair]:
+    """``pairs`` with the paraphrased and perturbed answers of ``stem`` (TOFU's ``forget10_perturbed``,
+    ``retain_perturbed``) attached by question, for the pairs that lack them; unchanged without the file."""
+    path = find_file(root, stem, JSON_EXTS)
+    if path is None or all(pair.has_variants for pair in pairs):
+        return pairs
+    variants = {qa.question.strip(): qa for qa in qa_of(read_records(path)) if qa.has_variants}
+    out, matched = [], 0
+    for pair in pairs:
+        found = None if pair.has_variants else variants.get(pair.question.strip())
+        if found is not None:
+            pair = replace(
+                pair, paraphrased_answer=found.paraphrased_answer, perturbed_answers=found.perturbed_answers
+            )
+            matched += 1
+        out.append(pair)
+    if matched:
+        files.append(path.name)
+        notes.append(
+            f"{split} answer variants (paraphrased_answer, perturbed_answer) from {path.name}: "
+            f"{matched} of {len(pairs)} questions"
+        )
+    return out
 
 
 def from_tofu(path: str | os.PathLike[str], forget: str = "forget10") -> Benchmark:
@@ -61,7 +91,11 @@ def from_tofu(path: str | os.PathLike[str], forget: str = "forget10") -> Benchma
             f"{', '.join(present) or 'none'})"
         )
     forget_qa = qa_of(read_records(forget_path))
-    files["forget"] = files["forget_qa"] = [forget_path.name]
+    files["forget"] = [forget_path.name]
+    files["forget_qa"] = [forget_path.name]
+    forget_qa = _attach_variants(
+        forget_qa, root, f"{forget}_perturbed", files["forget_qa"], notes, "forget_qa"
+    )
 
     retain_name = f"retain{100 - share:02d}"
     retain_path = find_file(root, retain_name, JSON_EXTS)
@@ -78,6 +112,8 @@ def from_tofu(path: str | os.PathLike[str], forget: str = "forget10") -> Benchma
         ]
         files["retain"] = files["retain_qa"] = [full_path.name]
         notes.append(f"no {retain_name}.json: retain is {full_path.name} minus the {forget} questions")
+    files["retain_qa"] = list(files["retain_qa"])
+    retain_qa = _attach_variants(retain_qa, root, "retain_perturbed", files["retain_qa"], notes, "retain_qa")
 
     holdout_name = f"holdout{share:02d}"
     holdout_path = find_file(root, holdout_name, JSON_EXTS)
