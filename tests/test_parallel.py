@@ -228,7 +228,10 @@ def test_ddp_keeps_every_method_option_working(
     print(f"  ||w2 - w1|| / ||w1 - w0|| = {ratio:.3g}")
     # bfloat16 emulation rounds to steps of ~4e-3 at these magnitudes: a near tie can round either way.
     bound = 2e-2 if extra_config.get("weights") else MAX_ABS
-    assert moved > 0 and apart < bound and ratio < (0.5 if extra_config.get("weights") else MAX_RATIO)
+    # RMU: measured 0.0999 (0.425 before its forward ran to the end under DDP, when each process kept
+    # its own gradient); its loss weights each process's tokens apart, and its gradients are small.
+    ratio_bound = 0.5 if extra_config.get("weights") else 0.2 if method == "rmu" else MAX_RATIO
+    assert moved > 0 and apart < bound and ratio < ratio_bound
 
 
 @pytest.mark.slow
