@@ -14,7 +14,7 @@ from relapse import cli
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 OPTION = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 #: Options of other tools the page shows (accelerate, torchrun, pip).
-OTHER_TOOLS = {"--multi_gpu", "--num_processes", "--nproc_per_node", "--cpu", "--no-deps"}
+OTHER_TOOLS = {"--multi_gpu", "--num_processes", "--nproc_per_node", "--cpu", "--no-deps", "--config_file"}
 
 
 def _commands(

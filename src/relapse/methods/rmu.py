@@ -45,12 +45,20 @@ def steered_layer(model: torch.nn.Module, layer: int | None) -> int:
 
 
 def layer_output(model: torch.nn.Module, batch: Batch, layer: int, context: TermContext) -> torch.Tensor:
-    """The hidden states ``[B, T, H]`` leaving decoder layer ``layer`` (the forward pass stops there)."""
+    """The hidden states ``[B, T, H]`` leaving decoder layer ``layer``.
+
+    The forward pass stops there, except through DDP (several processes): DDP prepares its gradient
+    averaging after the wrapped forward returns, so a forward cut short by an exception would leave each
+    process training on its own gradient. There the layers above run too; their weights are frozen, so
+    DDP leaves them out and the gradient is the same.
+    """
     captured: dict[str, torch.Tensor] = {}
+    stop = not isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
     def capture(module, args, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output
-        raise _StopForward
+        if stop:
+            raise _StopForward
 
     handle = decoder_layers(model)[layer].register_forward_hook(capture)
     try:

@@ -147,7 +147,7 @@ class RobustObjective:
             for name, start in self._start.items():
                 grid = quantize(start, scheme, name)
                 self._cells[scheme][name] = (grid.step().to(start.dtype), grid.dequantize().to(start.dtype))
-        parameters = dict(model.named_parameters())
+        parameters = dict(unwrapped(model).named_parameters())
         total = torch.zeros((), device=next(model.parameters()).device)
         moved_count = 0
         for name in self.names:
@@ -169,6 +169,7 @@ class RobustObjective:
     def view(self, model: torch.nn.Module, step: int) -> RoundedView:
         """The model as ``grid_at(step)`` rounds it, with straight-through gradients."""
         attack = self.attacks[step % len(self.attacks)]
+        model = unwrapped(model)
         parameters = dict(model.named_parameters())
         weights = {}
         for name in self.names:
@@ -197,6 +198,17 @@ class RobustObjective:
             "rounded_weights": len(self.names),
             "schedule": "one grid per step",
         }
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (several processes), whose parameter names are the model's own.
+
+    The rounded view calls the inner model directly: DDP still averages its gradients, because the
+    same step's float loss went through the wrapper and DDP's hooks fire on each parameter's total
+    gradient, whichever forward passes it came from."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
 
 
 def _misfit(attack, targets: dict[str, torch.nn.Parameter]) -> str | None:

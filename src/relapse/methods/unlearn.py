@@ -53,7 +53,7 @@ from relapse.training.loop import (
     save_run,
     to_device,
 )
-from relapse.training.parallel import world_size
+from relapse.training.parallel import refuse_unsupported, requested_strategy, world_size
 
 RECORD_NAME = "unlearn.json"
 UNLEARN_VERSION = 1
@@ -394,6 +394,18 @@ def unlearn_model(
     run = run or RunContext()
     target = resolve_device(run.device)  # a bad --device fails before any work
     spec = config.spec
+    refuse_unsupported(
+        requested_strategy(),
+        {
+            "--sure-top": config.sure_top is not None,
+            "--robust-to": config.robust_to is not None,
+            "rmu": spec.forget == "rmu",
+            "--lora-r": config.lora_r is not None,
+            "--sam-rho": config.sam_rho is not None,
+            "--grad-accum": config.grad_accum > 1,
+            "bfloat16-emulated": config.weights == BFLOAT16_EMULATED,
+        },
+    )
     data_dir = Path(data_dir)
     benchmark = load_benchmark(data_dir)
     key = unlearn_cache_key(str(model), data_dir, config)
@@ -547,6 +559,7 @@ def unlearn_model(
         after_step=mask.after_step if mask else None,
         emulate_bfloat16=config.weights == BFLOAT16_EMULATED,
     )
+    net = result.model  # a plain module again after a sharded run
     if config.lora_r is not None:
         net = net.merge_and_unload()
     sure = None

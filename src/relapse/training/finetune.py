@@ -47,7 +47,7 @@ from relapse.training.loop import (
     run_loop,
     save_run,
 )
-from relapse.training.parallel import world_size
+from relapse.training.parallel import refuse_unsupported, requested_strategy, world_size
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ def train_model(
     run = run or RunContext()
     data_dir = Path(data_dir)
     target = resolve_device(run.device)  # a bad --device fails before any work
+    refuse_unsupported(requested_strategy(), {"bfloat16-emulated": config.dtype == BFLOAT16_EMULATED})
     benchmark = load_benchmark(data_dir)
     key = train_cache_key(data_dir, config, base)
     opened = open_cached_run(out, key, RECORD_NAME, run.overwrite, cache="models")
@@ -215,6 +216,7 @@ def train_model(
         description=f"train {config.on}",
         emulate_bfloat16=config.dtype == BFLOAT16_EMULATED,
     )
+    model = result.model  # a plain module again after a sharded run
     final = {
         f"recall_{s}": qa_recall(model, tokenizer, benchmark.qa(s))["value"] for s in ("forget", "retain")
     }

@@ -9,6 +9,11 @@ written atomically and resumed after a kill, and a progress bar.
 Resuming restores weights, optimizer state, step, history and loss curve, so a killed and resumed run ends
 with the same weights as an uninterrupted one (the models used here have no dropout; a test checks this).
 
+Several processes (``accelerate launch``, ``torchrun``): the model and optimizer are wrapped by 🤗
+accelerate for the strategy the accelerate config names (DDP, FSDP, DeepSpeed), each process trains on
+its rows of every batch, the main process evaluates and writes checkpoints holding the full, gathered
+state (see :mod:`relapse.training.parallel`). Alone, the loop never touches accelerate.
+
 Devices: the loop trains the model where it is. Batches are built on the CPU (by pure functions of the
 step) and moved to the model's device here, in one place, just before the loss. Checkpoints hold CPU
 copies, so a run killed on a GPU can resume on a CPU or another GPU: the optimizer state is loaded onto
@@ -18,17 +23,19 @@ kernels need not be bit-repeatable, so there a resumed run matches to float tole
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from tqdm.auto import tqdm
@@ -37,7 +44,14 @@ from relapse import options
 from relapse.errors import ConfigError, DivergenceError
 from relapse.models.io import all_finite, round_to_bfloat16_, save_model
 from relapse.runtime import atomic_write_json, replace_dir
-from relapse.training.parallel import barrier, data_parallel, is_main_process
+from relapse.training.parallel import (
+    Distributed,
+    barrier,
+    distributed,
+    is_main_process,
+    meta_skeleton,
+    peak_rss_mib,
+)
 
 SCHEDULES = ("constant", "linear", "cosine")
 CHECKPOINT_DIR = "checkpoint"
@@ -147,9 +161,15 @@ class LoopResult:
     resumed_from_step: int | None
     history: list[dict[str, Any]] = field(default_factory=list)
     loss_curve: list[float] = field(default_factory=list)
+    #: World size and strategy (``single``, ``ddp``, ``fsdp``, ``deepspeed``), as the record names them.
+    distributed: dict[str, Any] = field(default_factory=lambda: {"world_size": 1, "strategy": "single"})
+    #: The trained model as a plain module: the one passed in, except after a sharded run, where it is a
+    #: copy holding the gathered weights. Not part of :meth:`to_dict`.
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record's fields (the model left out)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "model"}
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -224,21 +244,30 @@ def run_loop(
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL (under a data-parallel launcher) works on the current GPU
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    parallel = data_parallel()
-    is_main = parallel is None or parallel.is_main
+    group = distributed(device)
+    # ``wrapped`` is what the loss sees (DDP, FSDP or DeepSpeed around ``model``; ``model`` itself alone).
+    wrapped, skeleton = model, None
+    if group is not None:
+        skeleton = meta_skeleton(model) if group.sharded else None  # before FSDP changes the module
+        wrapped, optimizer = group.prepare(model, optimizer, config.max_grad_norm)
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+    is_main = group is None or group.is_main
     history: list[dict[str, Any]] = []
     loss_curve: list[float] = []
     start_step, elapsed_before = 0, 0.0
     resumed_from = None
     checkpoint = Path(work_dir) / CHECKPOINT_DIR if work_dir is not None else None
     if checkpoint is not None and (checkpoint / "state.json").exists():
-        state = _load_checkpoint(checkpoint, model, optimizer, run_key)
+        if group is None:
+            state = _load_checkpoint(checkpoint, model, optimizer, run_key)
+        else:
+            state = _load_full_checkpoint(checkpoint, wrapped, optimizer, run_key, group)
         start_step, history, loss_curve = state["step"], state["history"], state["loss_curve"]
         elapsed_before = state["elapsed_s"]
         resumed_from = start_step
     saved_step = resumed_from  # the step of the checkpoint on disk, if any
 
-    model.train()
+    wrapped.train()
     started = time.perf_counter()
     stopped_early = bool(history and history[-1].get("stopped"))
     bar = tqdm(
@@ -252,14 +281,14 @@ def run_loop(
     step = start_step
     try:
         while step < config.max_steps and not stopped_early:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr_at(step, config)
             if before_step is not None:
                 before_step(step)
 
             def gradients(step: int = step) -> tuple[float, dict[str, float]]:
                 return _step_gradients(
-                    model, params, config, step, batch_for_step, loss_fn, parallel, device, emulate_bfloat16
+                    wrapped, params, config, step, batch_for_step, loss_fn, group, device, emulate_bfloat16
                 )
 
             total, logs_sum = gradients()
@@ -268,21 +297,26 @@ def run_loop(
             if after_backward is not None:
                 after_backward()
             if config.sam_rho is not None:
-                _sharpness_aware_gradients(params, config.sam_rho, gradients)
+                norm = group.grad_norm if group is not None else None
+                _sharpness_aware_gradients(params, config.sam_rho, gradients, norm)
                 if after_backward is not None:
                     after_backward()
             # A finite loss can still give NaN or infinite gradients (an overflow in the backward pass);
             # one step with them would leave NaN weights, and after the last step nothing would notice.
-            if not all_finite(p.grad for p in params):
+            finite = all_finite(_local(p.grad) for p in params if p.grad is not None)
+            if not (finite if group is None else group.all_agree(finite)):
                 raise _diverged(
                     "the gradient is not finite", step, config, description, checkpoint, saved_step
                 )
             if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                if group is None:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                else:
+                    group.clip_grad_norm_(wrapped, config.max_grad_norm)
             optimizer.step()
             if emulate_bfloat16:
-                round_to_bfloat16_(params)
-                round_to_bfloat16_(_adam_moments(optimizer))
+                round_to_bfloat16_(_local(p.data) for p in params)
+                round_to_bfloat16_(_local(m) for m in _adam_moments(optimizer))
             if after_step is not None:
                 after_step()
             step += 1
@@ -290,8 +324,8 @@ def run_loop(
             bar.update(1)
             bar.set_postfix({"loss": f"{total:.4f}", **{k: f"{v:.4f}" for k, v in logs_sum.items()}})
             if evaluate is not None and (step % config.eval_every == 0 or step == config.max_steps):
-                metrics = evaluate(model)
-                model.train()
+                metrics = _evaluate(evaluate, model, wrapped, group, skeleton)
+                wrapped.train()
                 entry = {"step": step, "loss": total, **metrics}
                 if should_stop is not None and should_stop(metrics):
                     entry["stopped"] = stopped_early = True
@@ -302,17 +336,23 @@ def run_loop(
                         + " ".join(f"{k}={_fmt(v)}" for k, v in entry.items() if k != "step")
                     )
             if checkpoint is not None and step % config.checkpoint_every == 0 and step < config.max_steps:
-                if is_main:
-                    elapsed = elapsed_before + time.perf_counter() - started
-                    _save_checkpoint(
-                        checkpoint, model, optimizer, run_key, step, history, loss_curve, elapsed
-                    )
+                elapsed = elapsed_before + time.perf_counter() - started
+                progress_state = {"step": step, "history": history, "loss_curve": loss_curve}
+                if group is None:
+                    _save_checkpoint(checkpoint, model, optimizer, run_key, progress_state, elapsed)
+                else:  # collective: every process gathers, the main one writes
+                    model_state, optim_state = group.full_state(wrapped, optimizer)
+                    if is_main:
+                        _save_full_checkpoint(
+                            checkpoint, model_state, optim_state, run_key, progress_state, elapsed, group
+                        )
+                    group.barrier()
                 saved_step = step
-                if parallel is not None:
-                    parallel.barrier()
     finally:
         bar.close()
-    model.eval()
+    wrapped.eval()
+    trained = model if group is None else group.plain_model(model, wrapped, skeleton)
+    trained.eval()
     return LoopResult(
         steps=step,
         stopped_early=stopped_early,
@@ -320,7 +360,34 @@ def run_loop(
         resumed_from_step=resumed_from,
         history=history,
         loss_curve=loss_curve,
+        distributed={
+            **(group.describe() if group is not None else {"world_size": 1, "strategy": "single"}),
+            "peak_rss_mib": group.peak_memory_mib() if group is not None else [peak_rss_mib()],
+        },
+        model=trained,
     )
+
+
+def _evaluate(
+    evaluate: EvalFn,
+    model: torch.nn.Module,
+    wrapped: torch.nn.Module,
+    group: Distributed | None,
+    skeleton: torch.nn.Module | None,
+) -> dict[str, float]:
+    """``evaluate`` on the plain model. With several processes the main one evaluates and every process
+    gets its numbers, so all take the same early-stop decision (under sharding the weights are gathered
+    into ``skeleton`` first: a shard cannot run alone)."""
+    if group is None:
+        return evaluate(model)
+    plain = group.plain_model(model, wrapped, skeleton)
+    metrics = evaluate(plain) if group.is_main else None
+    return group.from_main(metrics)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (FSDP2 holds parameters and gradients as distributed tensors)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _diverged(
@@ -343,41 +410,50 @@ def _diverged(
 
 
 def _step_gradients(
-    model, params, config, step, batch_for_step, loss_fn, parallel, device, emulate_bfloat16
+    model, params, config, step, batch_for_step, loss_fn, group, device, emulate_bfloat16
 ) -> tuple[float, dict[str, float]]:
-    """Fill ``.grad`` with the step's gradient (all micro-batches; averaged over processes; on bfloat16
-    values when emulating) and return the step's mean loss and logs."""
+    """Fill ``.grad`` with the step's gradient (all micro-batches; averaged over processes by the
+    wrapper accelerate put around ``model``; on bfloat16 values when emulating) and return the step's
+    mean loss (over processes too) and logs."""
     for p in params:
         p.grad = None
     logs_sum: dict[str, float] = {}
     total = 0.0
     for micro in range(config.grad_accum):
         batch = batch_for_step(step, micro)
-        if parallel is not None:
-            batch = parallel.shard(batch)
+        if group is not None:
+            batch = group.shard(batch)
         loss, logs = loss_fn(model, to_device(batch, device))
-        (loss / config.grad_accum).backward()
+        if group is None:
+            (loss / config.grad_accum).backward()
+        else:
+            group.backward(loss / config.grad_accum)
         total += float(loss.detach()) / config.grad_accum
         for key, value in logs.items():
             logs_sum[key] = logs_sum.get(key, 0.0) + value / config.grad_accum
-    if parallel is not None:
-        parallel.average_gradients(params)
-        total = parallel.mean(total)
+    if group is not None:
+        total = group.mean(total)
     if emulate_bfloat16:
-        round_to_bfloat16_(p.grad for p in params)
+        round_to_bfloat16_(_local(p.grad) for p in params if p.grad is not None)
     return total, logs_sum
 
 
-def _sharpness_aware_gradients(params, rho: float, gradients: Callable[[], Any]) -> None:
+def _sharpness_aware_gradients(
+    params, rho: float, gradients: Callable[[], Any], norm_of: Callable[[list], float] | None = None
+) -> None:
     """Replace ``.grad`` by SAM's gradient (Foret et al. 2021): the gradient at the nearby weights
     ``w + rho * g / ||g||`` where the loss rises fastest, to be applied at ``w``.
 
     The weights are put back from a copy, not by subtracting, so they (and frozen weights) are
-    bit-identical afterwards; a missing gradient counts as zero.
+    bit-identical afterwards; a missing gradient counts as zero. ``norm_of`` gives the norm of the
+    whole gradient when each process holds a shard of it (default: these gradients' own norm).
     """
     saved = [p.detach().clone() for p in params]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    if norm_of is None:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    else:
+        norm = norm_of(grads)
     scale = rho / (float(norm) + 1e-12)
     with torch.no_grad():
         for p, g in zip(params, grads, strict=True):
@@ -390,6 +466,7 @@ def _sharpness_aware_gradients(params, rho: float, gradients: Callable[[], Any])
 
 def _adam_moments(optimizer: torch.optim.Optimizer):
     """AdamW's moment tensors (not its step counter, which must stay exact)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
     for state in optimizer.state.values():
         for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if name in state:
@@ -431,21 +508,27 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _save_checkpoint(path: Path, model, optimizer, run_key, step, history, loss_curve, elapsed) -> None:
+def _save_checkpoint(path: Path, model, optimizer, run_key, progress_state, elapsed) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".checkpoint-"))
     save_safetensors_model(model, str(staging / "model.safetensors"))  # safetensors writes CPU bytes
     torch.save(to_device(optimizer.state_dict(), torch.device("cpu")), staging / "optimizer.pt")
-    atomic_write_json(
-        staging / "state.json",
-        {
-            "run_key": run_key,
-            "step": step,
-            "elapsed_s": elapsed,
-            "history": history,
-            "loss_curve": loss_curve,
-        },
-    )
+    atomic_write_json(staging / "state.json", {"run_key": run_key, "elapsed_s": elapsed, **progress_state})
+    replace_dir(staging, path)
+
+
+def _save_full_checkpoint(
+    path: Path, model_state, optim_state, run_key, progress_state, elapsed, group: Distributed
+) -> None:
+    """A checkpoint of a run of several processes: the gathered weights (each tensor its own copy, so
+    tied weights do not trouble safetensors), the optimizer state keyed by parameter name, and the setup
+    it was written under (resuming needs the same one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".checkpoint-"))
+    save_file({k: v.contiguous().clone() for k, v in model_state.items()}, str(staging / "model.safetensors"))
+    torch.save(optim_state, staging / "optimizer.pt")
+    state = {"run_key": run_key, "elapsed_s": elapsed, "distributed": group.describe(), **progress_state}
+    atomic_write_json(staging / "state.json", state)
     replace_dir(staging, path)
 
 
@@ -460,6 +543,11 @@ def _load_checkpoint(path: Path, model, optimizer, run_key) -> dict[str, Any]:
             f"the checkpoint in {path} belongs to a different run (settings or data changed); "
             "remove it, or pass --overwrite to start again"
         )
+    if "distributed" in state:
+        raise ConfigError(
+            f"the checkpoint in {path} was written by {_setup_text(state['distributed'])}; resume it under "
+            "the same launcher setup, or pass --overwrite to start again"
+        )
     try:
         # The file holds CPU tensors; loading copies them into the parameters wherever those are.
         load_safetensors_model(model, str(path / "model.safetensors"))
@@ -472,4 +560,43 @@ def _load_checkpoint(path: Path, model, optimizer, run_key) -> dict[str, Any]:
             state[name]
     except Exception:  # a truncated file, a refused pickle, missing fields: all mean start again
         raise ConfigError(damaged) from None
+    return state
+
+
+def _setup_text(setup: Any) -> str:
+    if not isinstance(setup, dict):
+        return "another setup"
+    return f"{setup.get('world_size', '?')} processes ({setup.get('strategy', '?')})"
+
+
+def _load_full_checkpoint(path: Path, wrapped, optimizer, run_key, group: Distributed) -> dict[str, Any]:
+    """Resume a run of several processes from :func:`_save_full_checkpoint`'s files (every process reads
+    them and keeps its shard); refused unless written by the same world size and strategy."""
+    damaged = f"the checkpoint in {path} is damaged; pass --overwrite to start again (or remove it)"
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ConfigError(damaged) from None
+    if not isinstance(state, dict) or state.get("run_key") != run_key:
+        raise ConfigError(
+            f"the checkpoint in {path} belongs to a different run (settings or data changed); "
+            "remove it, or pass --overwrite to start again"
+        )
+    here = group.describe()
+    written = state.get("distributed") or {"world_size": 1, "strategy": "single"}
+    if {k: written.get(k) for k in ("world_size", "strategy")} != {
+        k: here[k] for k in ("world_size", "strategy")
+    }:
+        raise ConfigError(
+            f"the checkpoint in {path} was written by {_setup_text(written)}, this run has "
+            f"{_setup_text(here)}; resume it under the same setup, or pass --overwrite to start again"
+        )
+    try:
+        model_state = load_file(str(path / "model.safetensors"))
+        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        for name in ("step", "history", "loss_curve", "elapsed_s"):
+            state[name]
+    except Exception:  # a truncated file, a refused pickle, missing fields: all mean start again
+        raise ConfigError(damaged) from None
+    group.load_full_state(wrapped, optimizer, model_state, optim_state)
     return state
