@@ -252,14 +252,8 @@ def _direction(name: str) -> bool | None:
     return metric_info(name).higher_is_better
 
 
-def _knowmem(ev: Evaluator, pairs: Sequence[QAPair], split: str) -> dict[str, Any]:
-    if not pairs:
-        raise DataError(f"KnowMem on {split} needs {split}_qa.jsonl with at least one question")
-    prompt = KnowMemPrompt.from_meta(ev.benchmark.meta)
-    prompts = [prompt.build(p.question, ev.benchmark.icl) for p in pairs]
-    generated = ev.generate(
-        f"knowmem_{split}", prompts, ev.settings.knowmem_max_new_tokens, KNOWMEM_STOP_STRINGS
-    )
+def _rouge_items(pairs: Sequence[QAPair], generated: Sequence[str]) -> list[dict[str, Any]]:
+    """Per question: the answer, what the model generated, and ROUGE-L F1 and recall between them."""
     per_item = []
     for pair, output in zip(pairs, generated, strict=True):
         f1, recall = rouge_l(pair.answer, output)
@@ -272,6 +266,18 @@ def _knowmem(ev: Evaluator, pairs: Sequence[QAPair], split: str) -> dict[str, An
                 "rougeL_recall": recall,
             }
         )
+    return per_item
+
+
+def _knowmem(ev: Evaluator, pairs: Sequence[QAPair], split: str) -> dict[str, Any]:
+    if not pairs:
+        raise DataError(f"KnowMem on {split} needs {split}_qa.jsonl with at least one question")
+    prompt = KnowMemPrompt.from_meta(ev.benchmark.meta)
+    prompts = [prompt.build(p.question, ev.benchmark.icl) for p in pairs]
+    generated = ev.generate(
+        f"knowmem_{split}", prompts, ev.settings.knowmem_max_new_tokens, KNOWMEM_STOP_STRINGS
+    )
+    per_item = _rouge_items(pairs, generated)
     result = _rouge_result(per_item, _direction(f"knowmem_{split}"), exact_key="answer")
     result["prompt"] = prompt.to_json()
     return result
@@ -694,19 +700,7 @@ def tofu_rouge_retain(ev: Evaluator) -> dict[str, Any]:
     generated = ev.generate(
         "tofu_retain", [qa_prompt(p.question) for p in pairs], TOFU_MAX_NEW_TOKENS, KNOWMEM_STOP_STRINGS
     )
-    per_item = []
-    for pair, output in zip(pairs, generated, strict=True):
-        f1, recall = rouge_l(pair.answer, output)
-        per_item.append(
-            {
-                "question": pair.question,
-                "answer": pair.answer,
-                "generated": output.strip(),
-                "rougeL_recall": recall,
-                "rougeL_f1": f1,
-            }
-        )
-    return _tofu_mean_result(name, per_item, "rougeL_recall")
+    return _tofu_mean_result(name, _rouge_items(pairs, generated), "rougeL_recall")
 
 
 #: relapse's model utility: the components a benchmark has (the retain set's three; TOFU's real-authors

@@ -532,17 +532,27 @@ def _save_full_checkpoint(
     replace_dir(staging, path)
 
 
-def _load_checkpoint(path: Path, model, optimizer, run_key) -> dict[str, Any]:
-    damaged = f"the checkpoint in {path} is damaged; pass --overwrite to start again (or remove it)"
+def _damaged(path: Path) -> str:
+    return f"the checkpoint in {path} is damaged; pass --overwrite to start again (or remove it)"
+
+
+def _read_state(path: Path, run_key: str) -> dict[str, Any]:
+    """A checkpoint's ``state.json``, refused unless it belongs to the run named ``run_key``."""
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise ConfigError(damaged) from None
+        raise ConfigError(_damaged(path)) from None
     if not isinstance(state, dict) or state.get("run_key") != run_key:
         raise ConfigError(
             f"the checkpoint in {path} belongs to a different run (settings or data changed); "
             "remove it, or pass --overwrite to start again"
         )
+    return state
+
+
+def _load_checkpoint(path: Path, model, optimizer, run_key) -> dict[str, Any]:
+    damaged = _damaged(path)
+    state = _read_state(path, run_key)
     if "distributed" in state:
         raise ConfigError(
             f"the checkpoint in {path} was written by {_setup_text(state['distributed'])}; resume it under "
@@ -572,16 +582,8 @@ def _setup_text(setup: Any) -> str:
 def _load_full_checkpoint(path: Path, wrapped, optimizer, run_key, group: Distributed) -> dict[str, Any]:
     """Resume a run of several processes from :func:`_save_full_checkpoint`'s files (every process reads
     them and keeps its shard); refused unless written by the same world size and strategy."""
-    damaged = f"the checkpoint in {path} is damaged; pass --overwrite to start again (or remove it)"
-    try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise ConfigError(damaged) from None
-    if not isinstance(state, dict) or state.get("run_key") != run_key:
-        raise ConfigError(
-            f"the checkpoint in {path} belongs to a different run (settings or data changed); "
-            "remove it, or pass --overwrite to start again"
-        )
+    damaged = _damaged(path)
+    state = _read_state(path, run_key)
     here = group.describe()
     written = state.get("distributed") or {"world_size": 1, "strategy": "single"}
     if {k: written.get(k) for k in ("world_size", "strategy")} != {
