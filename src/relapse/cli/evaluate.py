@@ -38,6 +38,35 @@ def add(commands) -> None:
         help="PrivLeak's reference AUC instead of --retrained: a number, or news / books for MUSE's",
     )
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: from free memory)")
+    p.add_argument(
+        "--lm-eval",
+        default=None,
+        metavar="TASKS",
+        help="also run these comma-separated lm-evaluation-harness tasks on the same loaded model (after "
+        "any --attack): relapse's own relapse_retain_mc, relapse_forget_mc, relapse_holdout_mc (written "
+        "from --data), tasks in --lm-eval-include folders, or lm-eval's registry (mmlu, ...; their data "
+        "comes from the hub). Needs pip install 'relapse[lm-eval]'",
+    )
+    p.add_argument(
+        "--lm-eval-include",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of lm-eval task YAMLs to search for --lm-eval tasks (repeatable)",
+    )
+    p.add_argument(
+        "--lm-eval-fewshot",
+        type=int,
+        default=None,
+        help="few-shot examples per lm-eval task (default: the task's)",
+    )
+    p.add_argument(
+        "--lm-eval-limit",
+        type=int,
+        default=None,
+        help="at most this many documents per lm-eval task (a quick check)",
+    )
     p.add_argument("--out", type=Path, default=Path("eval.json"), help="JSON record (default ./eval.json)")
     add_overwrite(p, "an existing --out")
     p.add_argument("--seed", type=int, default=0, help="seed for noise and relearning attacks (default 0)")
@@ -51,6 +80,15 @@ def execute(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    harness = None
+    if args.lm_eval is not None:
+        from relapse.metrics.harness import LmEvalRequest
+
+        harness = LmEvalRequest(
+            args.lm_eval, tuple(args.lm_eval_include), args.lm_eval_fewshot, args.lm_eval_limit
+        )
+    elif args.lm_eval_include or args.lm_eval_fewshot is not None or args.lm_eval_limit is not None:
+        raise ConfigError("--lm-eval-include, --lm-eval-fewshot and --lm-eval-limit need --lm-eval TASKS")
     record = run_eval(
         args.model,
         args.data,
@@ -63,6 +101,7 @@ def execute(args: argparse.Namespace) -> int:
         seed=args.seed,
         run=run_context(args),
         calibration=args.calibration,
+        lm_eval=harness,
     )
     title = args.model + (f" after {record['attack']['name']}" if record["attack"] else "")
     print(title)

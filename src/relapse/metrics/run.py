@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relapse.data.benchmark import load_benchmark
 from relapse.errors import ConfigError
@@ -26,6 +26,9 @@ from relapse.runtime import (
     seed_everything,
     set_threads,
 )
+
+if TYPE_CHECKING:
+    from relapse.metrics.harness import LmEvalRequest
 
 RECORD_KIND = "relapse-eval"
 
@@ -71,6 +74,7 @@ def run_eval(
     seed: int = 0,
     calibration: str | Path | None = None,
     run: RunContext | None = None,
+    lm_eval: LmEvalRequest | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (after ``attack``, applied temporarily) on the benchmark in ``data``.
 
@@ -78,7 +82,9 @@ def run_eval(
     ``news``/``books`` (MUSE's published retrained AUCs). Without a retrained reference the default list
     drops ``privleak``; naming it explicitly is then an error. The record is written atomically to
     ``out`` when given. Models are evaluated on ``run.device`` (``auto``: a GPU when there is one), which the
-    record names.
+    record names. ``lm_eval`` also runs lm-evaluation-harness tasks on the same loaded (and attacked) model,
+    after relapse's metrics; their results go into the record's ``lm_eval`` entry
+    (:mod:`relapse.metrics.harness`). Its tasks are checked before the evaluated model is loaded.
     """
     run = run or RunContext()
     if out is not None and Path(out).exists() and not run.overwrite:
@@ -89,6 +95,10 @@ def run_eval(
     benchmark = load_benchmark(data)
     settings = EvalSettings(batch_size=batch_size, progress=run.progress)
     names = resolve_metrics(metrics or DEFAULT_METRICS)
+    if lm_eval is not None:
+        from relapse.metrics.harness import require_lm_eval
+
+        require_lm_eval()  # before the retrained reference is loaded, so its absence fails at once
     quality = "tofu_forget_quality" in names
     reference = _reference_auc(
         retrained, retrained_auc, benchmark, settings, str(target), quality, "privleak" in names
@@ -117,10 +127,15 @@ def run_eval(
 
     from relapse.models.io import load_model
 
-    net, tokenizer = load_model(str(model), device=str(target))
     attack_record = None
+    harness_plan = harness_record = None
     stack = contextlib.ExitStack()
     with stack:
+        if lm_eval is not None:
+            from relapse.metrics.harness import plan_lm_eval
+
+            harness_plan = stack.enter_context(plan_lm_eval(lm_eval, benchmark, batch_size))
+        net, tokenizer = load_model(str(model), device=str(target))
         if attack:
             from relapse.attacks.base import AttackContext, applied
             from relapse.attacks.calibration import read_calibration_file
@@ -137,6 +152,13 @@ def run_eval(
             info = stack.enter_context(applied(chosen, net, context))
             attack_record = {"name": chosen.name, "kind": chosen.kind, "info": info}
         results = Evaluator(net, tokenizer, benchmark, settings).run(names)
+        if harness_plan is not None:
+            from relapse.metrics.harness import run_lm_eval
+
+            harness_record = run_lm_eval(harness_plan, net, tokenizer, run.progress)
+    versions = package_versions()
+    if harness_record is not None:
+        versions["lm_eval"] = harness_record["version"]
     record = {
         "kind": RECORD_KIND,
         "model": str(model),
@@ -149,8 +171,10 @@ def run_eval(
         "seed": seed,
         "threads": threads_used,
         "device": str(target),
-        "versions": package_versions(),
+        "versions": versions,
     }
+    if harness_record is not None:
+        record["lm_eval"] = harness_record
     if out is not None:
         atomic_write_json(Path(out), record)
     return record
@@ -205,6 +229,10 @@ def format_results(record: dict[str, Any]) -> str:
     lines.insert(1, "-" * max(len(line) for line in lines))
     for note in record.get("skipped", []):
         lines.append(f"skipped: {note}")
+    if record.get("lm_eval"):
+        from relapse.metrics.harness import format_lm_eval
+
+        lines += ["", format_lm_eval(record["lm_eval"])]
     return "\n".join(lines)
 
 
