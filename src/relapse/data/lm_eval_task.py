@@ -108,7 +108,7 @@ def write_lm_eval_tasks(
         )
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    source = str(benchmark.root) if benchmark.root else "in memory"
+    source = str(Path(benchmark.root).resolve()) if benchmark.root else "in memory"
     names = []
     for split in chosen:
         name = task_name(split)
