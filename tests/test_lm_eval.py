@@ -180,3 +180,32 @@ def test_unknown_task_is_one_line(lm_eval, small_benchmark_dir, tmp_path, capsys
     )
     assert code == 2
     one_error_line(err, "no_such_task_here", "relapse_retain_mc")
+
+
+def test_task_data_out_of_reach_is_one_line(lm_eval, small_benchmark_dir, tmp_path, capsys):
+    """A task whose data is on the hub, where it cannot be had (offline here; online the dataset does not
+    exist), fails in one line before the model is loaded, not in a traceback after relapse's metrics."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    config = {
+        "task": "hub_only_mc",
+        "dataset_path": "relapse-tests/no-such-dataset",
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "query",
+        "doc_to_choice": "choices",
+        "doc_to_target": "gold",
+    }
+    (folder / "hub_only_mc.yaml").write_text(yaml.safe_dump(config))
+    code, err = eval_cli(
+        capsys,
+        tmp_path / "nowhere",
+        small_benchmark_dir,
+        tmp_path / "e.json",
+        "--lm-eval",
+        "hub_only_mc",
+        "--lm-eval-include",
+        str(folder),
+    )
+    assert code == 2
+    one_error_line(err, "could not load a task's data", "relapse-tests/no-such-dataset")

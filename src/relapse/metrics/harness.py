@@ -123,7 +123,48 @@ def plan_lm_eval(
             paths.append(Path(scratch))
         plan = LmEvalPlan(names, folders, request.num_fewshot, request.limit, batch_size)
         plan.task_manager, plan.registry = _task_manager(names, paths)
+        with _quiet_lm_eval(), _data_errors(), _offline_without_hub():
+            # Load every task's data now (datasets keeps it for the run), so a task whose data cannot be
+            # had (the hub out of reach) fails before relapse's metrics are spent, not after.
+            manager = plan.task_manager
+            # Newer lm-eval has ``load`` (and deprecates the other); older, only ``load_task_or_group``.
+            (manager.load if hasattr(manager, "load") else manager.load_task_or_group)(names)
         yield plan
+
+
+@contextlib.contextmanager
+def _offline_without_hub() -> Iterator[None]:
+    """``datasets`` and ``huggingface_hub`` in offline mode while the hub is out of reach: a task whose
+    data is on the hub then fails at once (from the local cache) instead of after most of a minute of
+    retries and a warning per retry, and local files load as always."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from relapse.models.io import hub_reachable
+
+    if hub_reachable():
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+@contextlib.contextmanager
+def _data_errors() -> Iterator[None]:
+    """A task's data that cannot be loaded (no hub, a missing data file) as one :class:`ConfigError` line:
+    ``datasets`` raises ``ConnectionError`` or ``FileNotFoundError``, both ``OSError``s."""
+    try:
+        yield
+    except OSError as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(
+            f"lm-eval could not load a task's data: {text} (tasks of lm-eval's registry fetch their data "
+            "from the Hugging Face hub; offline, use tasks whose YAML names local files)"
+        ) from None
 
 
 def _task_manager(names: list[str], paths: list[Path]) -> tuple[Any, bool]:
@@ -159,7 +200,8 @@ def run_lm_eval(plan: LmEvalPlan, model, tokenizer, progress: bool = True) -> di
     from lm_eval.models.huggingface import HFLM
 
     batch: int | str = plan.batch_size or ("auto" if model.device.type == "cuda" else 8)
-    with _quiet_lm_eval(), contextlib.nullcontext() if progress else _no_progress_bars():
+    quiet = contextlib.nullcontext() if progress else _no_progress_bars()
+    with _quiet_lm_eval(), _data_errors(), _offline_without_hub(), quiet:
         wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch)
         out = lm_eval.simple_evaluate(
             model=wrapped,
