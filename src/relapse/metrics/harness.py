@@ -99,8 +99,9 @@ def plan_lm_eval(
 
     relapse's own tasks (:data:`RELAPSE_TASKS`) named in the request are written from ``benchmark`` into
     a temporary folder searched after the include folders, so they always describe the benchmark being
-    evaluated. lm-eval missing, an unknown task name, a missing include folder or a bad count is one
-    :class:`ConfigError` line, raised here, before a model is loaded.
+    evaluated. lm-eval missing, an unknown task name, a missing include folder, a bad count or a task's
+    data out of reach (every task is loaded once here) is one :class:`ConfigError` line, raised here,
+    before the evaluated model is loaded.
     """
     import tempfile
 
