@@ -103,13 +103,22 @@ def from_hf(
             "(or save the splits as files and use --from jsonl)"
         ) from None
 
+    # datasets' own errors (a file that cannot be cast, a missing split) derive from DatasetsError only.
+    datasets_error = getattr(getattr(datasets, "exceptions", None), "DatasetsError", OSError)
+    load_errors = (OSError, ValueError, KeyError, datasets_error)
+
     def rows(config_name: str | None, split: str) -> list[tuple[str, Any]]:
         label = f"{name}" + (f" ({config_name})" if config_name else "") + f" split {split!r}"
+        # Local files named per split are loaded one split at a time: loading them together makes
+        # datasets cast every file to one schema, which fails when texts and QA pairs sit side by side.
+        own_files = data_files
+        if isinstance(data_files, dict) and split in data_files:
+            own_files = {split: data_files[split]}
         try:
             data = datasets.load_dataset(
-                name, config_name, split=split, revision=revision, data_files=data_files
+                name, config_name, split=split, revision=revision, data_files=own_files
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except load_errors as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(f"{label}: cannot load ({first})") from None
         return [(f"{label} row {i}", dict(row)) for i, row in enumerate(data, start=1)]
