@@ -70,6 +70,15 @@ def run_summary(result: Any, done_before: str) -> str:
     return f"{how}; QA recall forget {final['recall_forget']:.3f}, retain {final['recall_retain']:.3f}"
 
 
+def add_experiment_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that run a whole experiment (``run``, ``demo``): overwrite, threads,
+    device, quiet, processes and seeds."""
+    add_overwrite(p, "an audit with other settings in --out")
+    add_common_training(p)
+    add_jobs(p)
+    add_seeds(p)
+
+
 def run_context(args: argparse.Namespace):
     """How a command runs, from its options: ``--threads``, ``--quiet`` (no bars, no log lines),
     ``--overwrite`` and ``--device`` (None where the command has no such option)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from relapse.cli.common import add_common_training, add_jobs, add_overwrite, add_seeds, run_context
+from relapse.cli.common import add_experiment_options, run_context
 
 HELP = "run the main job on the built-in benchmark: train, unlearn, attack, audit, report"
 
@@ -25,10 +25,7 @@ def add(commands) -> None:
         "--out", type=Path, default=Path("relapse-demo"), help="output folder (default ./relapse-demo)"
     )
     p.add_argument("--fast", action="store_true", help="a smaller version that runs in about two minutes")
-    add_overwrite(p, "an audit with other settings in --out")
-    add_common_training(p)
-    add_jobs(p)
-    add_seeds(p)
+    add_experiment_options(p)
     p.set_defaults(func=execute)
 
 

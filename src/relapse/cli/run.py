@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from relapse.cli.common import add_common_training, add_jobs, add_overwrite, add_seeds, run_context
+from relapse.cli.common import add_experiment_options, run_context
 
 HELP = "run an experiment file: data, training, unlearning, audit and report"
 
@@ -19,10 +19,7 @@ def add(commands) -> None:
     )
     p.add_argument("experiment", type=Path, help="the experiment file (.yaml)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    add_overwrite(p, "an audit with other settings in --out")
-    add_common_training(p)
-    add_jobs(p)
-    add_seeds(p)
+    add_experiment_options(p)
     p.set_defaults(func=execute)
 
 
