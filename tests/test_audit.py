@@ -584,6 +584,69 @@ def test_other_settings_in_the_same_folder_need_overwrite(
     assert json.loads((out / "results.json").read_text())["config"]["attacks"] == ["rtn-w8-ch"]
 
 
+def test_an_audit_that_adds_attacks_or_models_extends_the_earlier_one(
+    trained_small, unlearned_small, small_benchmark_dir, tmp_path, monkeypatch
+):
+    """More attacks or models in the same folder: the finished cells are kept as they were and only the
+    new ones are computed; taking an attack away, or a model changed since, still needs --overwrite."""
+    from relapse.audit import sweep
+
+    measured: list[int] = []
+    real_measure = sweep._measure
+
+    def counting_measure(*args, **kwargs):
+        measured.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "_measure", counting_measure)
+    out = tmp_path / "audit"
+    first = resume_config(
+        trained_small, unlearned_small, small_benchmark_dir, unlearned=[], attacks=["prune-30"]
+    )
+    run_audit(first, out, run=RunContext(threads=1, progress=False, log=None))
+    before = json.loads((out / "results.json").read_text())
+    item_before = (out / "items" / "target" / "prune-30.json").read_bytes()
+    measured.clear()
+    lines: list[str] = []
+    wider = resume_config(
+        trained_small, unlearned_small, small_benchmark_dir, attacks=["prune-30", "rtn-w8-ch"]
+    )
+    results = run_audit(wider, out, run=RunContext(threads=1, progress=False, log=lines.append))
+    label = Path(unlearned_small.path).name
+    computed = [
+        line.split(": ")[0].removeprefix("audit ").replace(" | ", "|")
+        for line in lines
+        if line.startswith("audit ")
+    ]
+    assert sorted(computed) == sorted(
+        ["target|rtn-w8-ch", f"{label}|none", f"{label}|prune-30", f"{label}|rtn-w8-ch"]
+    )
+    assert len(measured) == 4
+    assert any("extending the audit" in line and "rtn-w8-ch" in line and label in line for line in lines)
+    for key, cell in before["cells"].items():
+        assert json.dumps(results["cells"][key], sort_keys=True) == json.dumps(cell, sort_keys=True)
+    assert (out / "items" / "target" / "prune-30.json").read_bytes() == item_before
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["attacks"] == ["prune-30", "rtn-w8-ch"] and label in saved["models"]
+    assert set(results["verdicts"]) == {label}
+
+    # Fewer attacks than the folder holds: refused, nothing changed.
+    after = (out / "results.json").read_bytes()
+    narrower = resume_config(trained_small, unlearned_small, small_benchmark_dir, attacks=["rtn-w8-ch"])
+    with pytest.raises(ConfigError, match="overwrite"):
+        run_audit(narrower, out, run=RunContext(threads=1, progress=False, log=None))
+    assert (out / "results.json").read_bytes() == after
+
+    # The earlier audit's hash no longer holds (its data changed since): not extended.
+    monkeypatch.setattr(sweep, "hash_files", lambda files: "edited")
+    more = resume_config(
+        trained_small, unlearned_small, small_benchmark_dir, attacks=["prune-30", "rtn-w8-ch", "rtn-w4-g128"]
+    )
+    with pytest.raises(ConfigError, match="overwrite"):
+        run_audit(more, out, run=RunContext(threads=1, progress=False, log=None))
+    assert (out / "results.json").read_bytes() == after
+
+
 def test_audit_warns_when_an_attack_rounds_onto_the_base_models_grid(
     trained_small, unlearned_small, small_benchmark_dir, tmp_path, monkeypatch
 ):

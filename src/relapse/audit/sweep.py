@@ -164,7 +164,46 @@ def _config_hash(config: AuditConfig) -> str:
     )
 
 
-def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> dict[str, Any]:
+def _earlier_config(existing: dict[str, Any]) -> AuditConfig | None:
+    """The settings an earlier audit's results were computed with, or None where they cannot be read."""
+    try:
+        return AuditConfig(**existing["config"])
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _extended(existing: dict[str, Any], config: AuditConfig, key: str) -> dict[str, Any] | None:
+    """``existing`` carried over to ``config`` when ``config`` only adds attacks or models to it, else None.
+
+    Every finished cell stays valid when the earlier audit's hash still holds for the models and data
+    on disk now (none was retrained or edited since), every other setting is equal, and nothing is
+    taken away: no attack, no model, no label changed. A retrained model added to an audit that had none
+    leaves the cells valid unless a metric is relative to it (PrivLeak, forget quality). The new cells
+    are then computed like a resumed audit's; derived parts (recovery, verdicts) are rebuilt at the end.
+    """
+    earlier = _earlier_config(existing)
+    if earlier is None or _config_hash(earlier) != existing.get("config_hash"):
+        return None
+    reference = set(REFERENCE_METRICS) & set(config.metrics)
+    if earlier.retrained != config.retrained and (earlier.retrained is not None or reference):
+        return None
+    free = {"attacks", "unlearned", "labels", "retrained", "model_seeds", "groups"}
+    before, after = earlier.to_json(), config.to_json()
+    if {k: v for k, v in before.items() if k not in free} != {
+        k: v for k, v in after.items() if k not in free
+    }:
+        return None
+    if not set(earlier.attacks) <= set(config.attacks):
+        return None
+    old_models, new_models = model_labels(earlier), model_labels(config)
+    if any(new_models.get(label) != row for label, row in old_models.items()):
+        return None
+    return {**existing, "config": after, "config_hash": key, "models": new_models}
+
+
+def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> tuple[dict[str, Any], str | None]:
+    """The results to resume in ``out`` (new ones where there are none), and a note when an earlier audit
+    there is extended by more attacks or models."""
     key = _config_hash(config)
     path = out / RESULTS_NAME
     if path.exists():
@@ -173,11 +212,20 @@ def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> dict[str, 
         except ConfigError:  # not an audit's results (or not readable): other settings, as far as we know
             existing = None
         if existing and existing.get("config_hash") == key:
-            return existing
+            return existing, None
+        if existing and not overwrite:
+            extended = _extended(existing, config, key)
+            if extended is not None:
+                added = [a for a in config.attacks if a not in existing["config"]["attacks"]]
+                added += [m for m in extended["models"] if m not in existing["models"]]
+                return extended, (
+                    f"extending the audit in {out} by {', '.join(added)}: "
+                    f"its {len(existing['cells'])} finished cells are kept"
+                )
         if not overwrite:
             raise ConfigError(
                 f"{path} holds an audit with other settings, models or data; pass --overwrite to replace "
-                "it or choose another --out"
+                "it or choose another --out (an audit that only adds attacks or models to it extends it)"
             )
         shutil.rmtree(out / "items", ignore_errors=True)
     elif out.exists() and not out.is_dir():
@@ -198,7 +246,7 @@ def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> dict[str, 
         "cells": {},
         "diagnostics": {},
         "seed": config.seed,
-    }
+    }, None
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -278,7 +326,7 @@ def _run_audit(config, out: Path, run: RunContext, device, jobs, pool) -> dict[s
     progress, log = run.progress, run.log
 
     load_benchmark(config.data)  # a broken benchmark fails here, before any process starts
-    results = _open_results(out, config, run.overwrite)
+    results, extension = _open_results(out, config, run.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     threads_used = set_threads(run.threads)
     earlier = sorted({cell.get("device", "cpu") for cell in results["cells"].values()} - {str(device)})
@@ -289,6 +337,8 @@ def _run_audit(config, out: Path, run: RunContext, device, jobs, pool) -> dict[s
         warnings=_grid_warnings(config),
     )
     if log:
+        if extension:
+            log(f"note: {extension}")
         for warning in results["warnings"]:
             log(f"warning: {warning}")
         if earlier:
