@@ -117,6 +117,36 @@ def compare_tiny(model, tokenizer, benchmark, batch_size) -> None:
     total_eng = sum(r[3] for r in rows)
     print(f"{'total':<22} {'':>6} {total_ref:>12.2f} {total_eng:>10.2f} {total_ref / total_eng:>8.1f}x")
 
+    # How close the engine's KnowMem (the largest generation job) is to the arithmetic it cannot avoid:
+    # 2 x matmul parameters x tokens it must run (every prompt token, every generated token; the LM head
+    # once per generated token), against a float32 matrix product of the prefill's own shape.
+    retain = [prompt.build(p.question, benchmark.icl) for p in benchmark.retain_qa]
+    eng_s = next(r[3] for r in rows if r[0] == "knowmem_retain")
+    prompt_tokens = sum(len(tokenizer(text)["input_ids"]) for text in retain)
+    new_tokens = sum(len(tokenizer(text)["input_ids"]) for text in ev._generations["knowmem_retain"])
+    head = model.lm_head.weight.numel()
+    body = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n) - head
+    flops = 2 * body * (prompt_tokens + new_tokens) + 2 * head * (len(retain) + new_tokens)
+    rows_per_batch = min(64, len(retain)) * round(prompt_tokens / len(retain))
+    hidden = model.config.hidden_size
+    shaped = linear_flops_per_second(device, rows_per_batch, hidden, model.config.intermediate_size)
+    print(
+        f"knowmem_retain: {flops / 1e9:.1f} GFLOP of matrix products ({prompt_tokens} prompt and "
+        f"{new_tokens} generated tokens); engine {flops / eng_s / 1e9:.1f} GFLOP/s, a "
+        f"{rows_per_batch}x{hidden}x{model.config.intermediate_size} linear layer alone "
+        f"{shaped / 1e9:.1f} GFLOP/s: the engine runs at {flops / eng_s / shaped:.0%} of it"
+    )
+
+
+def linear_flops_per_second(
+    device: torch.device, rows: int, inner: int, outer: int, repeats: int = 50
+) -> float:
+    x = torch.randn(rows, inner, device=device)
+    weight = torch.randn(outer, inner, device=device)
+    torch.nn.functional.linear(x, weight)
+    seconds, _ = timed(lambda: [torch.nn.functional.linear(x, weight) for _ in range(repeats)], device)
+    return 2 * rows * inner * outer * repeats / seconds
+
 
 def matmul_flops_per_second(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
     a = torch.randn(size, size, device=device)
