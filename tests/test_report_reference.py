@@ -89,5 +89,15 @@ SHIPPED = sorted((Path(__file__).parent.parent / "docs" / "references").glob("*.
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.stem)
 def test_the_shipped_references_load(path):
-    reference = load_reference(path)
+    reference = load_reference(path)  # known metric names and finite values, or a ConfigError
     assert reference.source and "target" in reference.rows and "retrained" in reference.rows
+    # The header comment says where the numbers were read and how they were put on relapse's scales.
+    assert path.read_text(encoding="utf-8").startswith("# ")
+
+
+def test_a_quantized_reference_row_stands_beside_no_unattacked_model():
+    path = next(path for path in SHIPPED if path.stem == "quantization-muse-news-4bit")
+    table = reference_view(make_results(), load_reference(path))
+    by_label = {row[0].split(" ")[0]: row for row in table.rows}
+    assert all(cell.startswith("– / ") for cell in by_label["target-4bit"][1:])
+    assert not all(cell.startswith("– / ") for cell in by_label["target"][1:])  # the target role is measured
