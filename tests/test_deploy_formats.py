@@ -121,3 +121,24 @@ def test_bnb_attack_equals_a_model_served_with_bitsandbytes_config(trained_small
             f"{n}.weight" for n, m in served.named_modules() if type(m).__name__ == "Linear4bit"
         }
         assert served_quantized == set(info["quantized"])
+
+
+def test_bitsandbytes_kernel_hub_notice_is_dropped_and_nothing_else(caplog):
+    """bitsandbytes logs, on CPUs with AVX-512 BF16, that it could not fetch a kernel from the hub; relapse
+    drops that notice (its own CPU kernels give the same numbers) and lets the logger's other lines pass."""
+    import importlib.util
+    import logging
+
+    from relapse.attacks.deploy import _import_bitsandbytes
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed")
+    _import_bitsandbytes()  # the notice, if this CPU prints one, is dropped here already
+    assert not [r for r in caplog.records if "kernels-community" in r.getMessage()]
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.backends.cpu.ops"):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "untrusted"
+        )
+        logger.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]

@@ -25,6 +25,8 @@ with a CPU-only bitsandbytes build, weights on a GPU are rounded on the CPU and 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from relapse.attacks.base import WeightRoundingAttack
@@ -77,11 +79,31 @@ def gguf_fake_quantize(weight: torch.Tensor, fmt: str, where: str = "weight") ->
     return value.reshape(weight.shape).to(weight.dtype)
 
 
+class _DropKernelHubNotice(logging.Filter):
+    """Drops bitsandbytes' notice that it could not fetch an optional CPU kernel from the Hugging Face hub
+    (relapse loads no remote code; bitsandbytes then uses its own CPU kernels, with the same results)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def _import_bitsandbytes():
+    """``bitsandbytes.functional``, imported without its kernel-hub notice (printed once per process on
+    CPUs with AVX-512 BF16 otherwise)."""
+    notices = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropKernelHubNotice) for f in notices.filters):
+        notices.addFilter(_DropKernelHubNotice())
+    import bitsandbytes.functional
+
+    return bitsandbytes.functional
+
+
 def _bnb_runs_on(device: torch.device) -> torch.device:
     """Where bitsandbytes can round a tensor that lives on ``device``: there, unless it is a GPU and the
     installed bitsandbytes has no CUDA library loaded (its CPU kernels are then the only ones)."""
     if device.type != "cuda":
         return device
+    _import_bitsandbytes()
     from bitsandbytes import cextension
 
     library = getattr(cextension, "lib", None)
@@ -91,7 +113,7 @@ def _bnb_runs_on(device: torch.device) -> torch.device:
 def bnb_fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     """``weight`` after a bitsandbytes quantize/dequantize round trip (same dtype, shape and device)."""
     try:
-        import bitsandbytes.functional as bnb_functional
+        bnb_functional = _import_bitsandbytes()
     except ImportError:
         raise ConfigError("bnb-* attacks need bitsandbytes: pip install 'relapse[bnb]'") from None
     x = weight.detach().to(_bnb_runs_on(weight.device))
