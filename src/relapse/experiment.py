@@ -315,7 +315,7 @@ def run_experiment(
         models = steps.train(base)
         models.update(steps.unlearn(models["target"]["path"]))
         results, notes = steps.audit(models, out / "audit")
-    report = build_report(out / "audit")
+    report = build_report(out / "audit", results=results)
     seconds = time.perf_counter() - started
     atomic_write_json(
         out / "experiment.json",

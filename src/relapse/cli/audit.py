@@ -87,7 +87,7 @@ def execute(args: argparse.Namespace) -> int:
         run=run_context(args),
         jobs=args.jobs,
     )
-    paths = build_report(args.out)
+    paths = build_report(args.out, results=results)
     print(verdict_table(results))
     print(f"\nreport: {paths['report.html']}")
     return 0

@@ -32,7 +32,8 @@ def execute(args: argparse.Namespace) -> int:
     from relapse.cli.tables import verdict_table
     from relapse.report import build_report, load_results
 
-    paths = build_report(args.directory, reference=args.reference)
-    print(verdict_table(finish(load_results(args.directory))))
+    results = finish(load_results(args.directory))
+    paths = build_report(args.directory, reference=args.reference, results=results)
+    print(verdict_table(results))
     print(f"\nreport: {paths['report.html']}")
     return 0

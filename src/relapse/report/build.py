@@ -9,6 +9,7 @@ a reader (a browser refreshing, a CI job collecting artifacts) never sees a torn
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from relapse.audit.recovery import finish
 from relapse.audit.results import load_results
@@ -22,17 +23,21 @@ MARKDOWN_NAME = "report.md"
 HTML_NAME = "report.html"
 
 
-def build_report(directory: Path, reference: str | Path | None = None) -> dict[str, Path]:
+def build_report(
+    directory: Path, reference: str | Path | None = None, results: dict[str, Any] | None = None
+) -> dict[str, Path]:
     """Write report.md, report.html and the plots into ``directory``; returns ``{file name: path}``.
 
     A plot whose metrics were not measured is not written (the report says why), and a stale file of
     that name from an earlier build is removed so the folder never shows a plot of other results.
     ``reference``: a file of published values to show beside the measured ones
     (:mod:`relapse.report.reference`); it is kept in ``directory`` as ``reference.json`` and shown by
-    every later build too.
+    every later build too. ``results``: the directory's results already passed through
+    :func:`relapse.audit.recovery.finish` (a caller that prints them too finishes them once).
     """
     directory = Path(directory)
-    results = finish(load_results(directory))
+    if results is None:
+        results = finish(load_results(directory))
     table = _reference(directory, reference)
     plots: list[Plot] = all_plots(results)
     written: dict[str, Path] = {}
