@@ -10,7 +10,8 @@ Resuming restores weights, optimizer state, step, history and loss curve, so a k
 with the same weights as an uninterrupted one (the models used here have no dropout; a test checks this).
 
 Several processes (``accelerate launch``, ``torchrun``): the model and optimizer are wrapped by 🤗
-accelerate for the strategy the accelerate config names (DDP, FSDP, DeepSpeed), each process trains on
+accelerate for the strategy the accelerate config names (DDP, FSDP, DeepSpeed; FSDP on CPU processes is
+torch's FSDP2, applied by relapse over accelerate's process group), each process trains on
 its rows of every batch, the main process evaluates and writes checkpoints holding the full, gathered
 state (see :mod:`relapse.training.parallel`). Alone, the loop never touches accelerate.
 

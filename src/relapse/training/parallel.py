@@ -2,8 +2,13 @@
 
 A launcher (``accelerate launch --config_file configs/accelerate/X.yaml``, or ``torchrun``) starts the
 processes and sets ``WORLD_SIZE``/``RANK``; the accelerate config file chooses the strategy, and
-:class:`Distributed` wraps the model and optimizer with :class:`accelerate.Accelerator` accordingly. What
-relapse keeps for itself, and why:
+:class:`Distributed` wraps the model and optimizer with :class:`accelerate.Accelerator` accordingly.
+
+FSDP on the CPU is the exception: accelerate (1.16) promotes a config's FSDP only on GPUs and other
+accelerators and would wrap CPU processes in plain DDP, so there relapse shards the model itself with
+torch's FSDP2 (:func:`torch.distributed.fsdp.fully_shard`, each decoder layer and then the root, full
+sharding) over the gloo process group accelerate set up, whose collectives it still uses
+(:attr:`Distributed.self_sharded`). What relapse keeps for itself, and why:
 
 - **Which rows each process trains on.** Every global batch is built by a pure function of the step (as
   in a single process, so resuming sees the same data), and rank ``r`` takes rows ``r, r + world, ...``
@@ -90,6 +95,9 @@ class Distributed:
 
     accelerator: Any  # accelerate.Accelerator (imported only when launched)
     strategy: str
+    #: True when relapse shards the model with torch's FSDP2 itself (FSDP on CPU processes, which
+    #: accelerate would run as DDP); the Accelerator then provides the process group and collectives.
+    self_sharded: bool = False
 
     @property
     def rank(self) -> int:
@@ -112,7 +120,9 @@ class Distributed:
         """What the record and the checkpoint say about the setup."""
         described: dict[str, Any] = {"world_size": self.world, "strategy": self.strategy}
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        if self.strategy == "fsdp" and plugin is not None:
+        if self.self_sharded:
+            described.update(fsdp_version=2, sharded_by="torch")
+        elif self.strategy == "fsdp" and plugin is not None:
             described["fsdp_version"] = getattr(plugin, "fsdp_version", 1)
         return described
 
@@ -130,6 +140,8 @@ class Distributed:
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None
     ) -> tuple[torch.nn.Module, Any]:
         """Wrap model and optimizer for the strategy (DDP, FSDP units, a DeepSpeed engine)."""
+        if self.self_sharded:
+            return fully_shard_model(model, optimizer, self.world), optimizer
         if self.strategy == "deepspeed":
             plugin = self.accelerator.state.deepspeed_plugin
             # DeepSpeed clips inside its engine; "auto" in the shipped config takes relapse's setting.
@@ -143,8 +155,11 @@ class Distributed:
 
     def clip_grad_norm_(self, wrapped: torch.nn.Module, max_norm: float) -> None:
         """Clip by the norm of the whole gradient, over all shards (FSDP1 needs every parameter of the
-        wrapped model passed, frozen ones included; DeepSpeed clips in its engine)."""
-        if self.strategy != "deepspeed":
+        wrapped model passed, frozen ones included; DeepSpeed clips in its engine; under relapse's own
+        FSDP2 torch's clipping takes the norm over the distributed gradients, so over all shards)."""
+        if self.self_sharded:
+            torch.nn.utils.clip_grad_norm_([p for p in wrapped.parameters() if p.grad is not None], max_norm)
+        elif self.strategy != "deepspeed":
             self.accelerator.clip_grad_norm_(wrapped.parameters(), max_norm)
 
     def grad_norm(self, grads: list[torch.Tensor]) -> float:
@@ -265,9 +280,11 @@ def _to_cpu(state: Any) -> Any:
 def distributed(device: torch.device) -> Distributed | None:
     """The launched group this process belongs to, with its Accelerator; None when run alone.
 
-    Refuses, with a one-line error, a setup accelerate would run other than as asked: FSDP on the CPU
-    (accelerate 1.16 promotes a config's FSDP only on GPUs and other accelerators; on the CPU it would
-    silently wrap the model in plain DDP), DeepSpeed without a GPU or without the deepspeed package.
+    FSDP on the CPU, which accelerate (1.16) would run as plain DDP (it promotes a config's FSDP only on
+    GPUs and other accelerators), is sharded by relapse itself with torch's FSDP2 over accelerate's gloo
+    group (:func:`fully_shard_model`). Refuses, with a one-line error, any other setup accelerate would
+    run other than as asked, DeepSpeed without a GPU or without the deepspeed package, and FSDP settings
+    relapse's own sharding does not honour.
     """
     strategy = requested_strategy()
     if strategy == "single":
@@ -295,6 +312,9 @@ def distributed(device: torch.device) -> Distributed | None:
         DistributedType.FSDP: "fsdp",
         DistributedType.DEEPSPEED: "deepspeed",
     }.get(accelerator.distributed_type, "ddp")
+    if strategy == "fsdp" and actual == "ddp" and device.type == "cpu":
+        refuse_fsdp_settings_not_applied()
+        return Distributed(accelerator, "fsdp", self_sharded=True)
     if actual != strategy:
         import accelerate
 
@@ -304,6 +324,73 @@ def distributed(device: torch.device) -> Distributed | None:
             "rather than run unsharded: use configs/accelerate/ddp-cpu.yaml on the CPU"
         )
     return Distributed(accelerator, actual)
+
+
+def refuse_fsdp_settings_not_applied() -> None:
+    """Refuse the accelerate FSDP settings (passed on as ``FSDP_*`` variables) that relapse's own FSDP2
+    sharding on the CPU would not apply, rather than ignore them."""
+    if os.environ.get("FSDP_VERSION", "2") != "2":
+        raise ConfigError(
+            "on the CPU relapse shards with torch's FSDP2 itself; set fsdp_version: 2 in the accelerate "
+            "config (configs/accelerate/fsdp-cpu.yaml)"
+        )
+    for name, setting in (
+        ("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+        ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing"),
+    ):
+        if _env_flag(name):
+            raise ConfigError(
+                f"{setting} is not supported by relapse's own FSDP2 sharding on the CPU; set it to false "
+                "(configs/accelerate/fsdp-cpu.yaml)"
+            )
+
+
+def fully_shard_model(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int
+) -> torch.nn.Module:
+    """Shard ``model`` in place with torch's FSDP2 over every process of the default group (full
+    sharding, each parameter split along its first dimension): each decoder layer is its own unit, the
+    rest (embeddings, final norm, an untied or tied head) the root's. ``optimizer``, built on the
+    unsharded parameters and not stepped yet, is pointed at the sharded ones by name.
+
+    The decoder layers are the modules whose class the accelerate config names
+    (``fsdp_transformer_layer_cls_to_wrap``) or, by default, the classes transformers marks as not to be
+    split (``_no_split_modules``, e.g. ``LlamaDecoderLayer``); failing both, the model's
+    ``get_decoder().layers``.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if any(optimizer.state.values()):
+        raise RuntimeError("the optimizer must not have stepped before sharding")
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() != "false"
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in reversed(decoder_layers(model)):  # inner units before any that contain them
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    sharded = dict(model.named_parameters())
+    for group, group_names in zip(optimizer.param_groups, groups, strict=True):
+        group["params"] = [sharded[name] for name in group_names]
+    if hasattr(model, "config") and getattr(model.config, "tie_word_embeddings", False):
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+        if outputs is not None and outputs.weight is not inputs.weight:
+            raise RuntimeError("sharding untied the tied input and output embeddings")
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformer, each to be its own FSDP unit (see :func:`fully_shard_model`)."""
+    named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").strip()
+    classes = {c.strip() for c in named.split(",") if c.strip()} if named else set()
+    if not classes:
+        classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if m is not model and type(m).__name__ in classes]
+    if layers:
+        return layers
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return list(getattr(decoder, "layers", []))
 
 
 #: Why an option cannot run when each process holds a shard of the weights (FSDP, DeepSpeed ZeRO-3).
