@@ -14,6 +14,7 @@ import torch
 from relapse.attacks.rtn import QuantScheme
 from relapse.audit import sweep
 from relapse.audit.recovery import (
+    NO_ATTACK,
     finish,
     gap_kept,
     min_gap,
@@ -147,6 +148,56 @@ def test_recovery_table_on_hand_built_results():
     assert row["rtn-w4-g128"]["knowmem_forget:kept"] == pytest.approx(0.6)
     assert table["partial"]["relearn-retain-25"]["knowmem_forget:kept"] is None
     assert all(v is None for attack in ATTACKS for v in table["never"][attack].values())
+
+
+def test_relearning_on_half_the_forget_set_is_read_on_the_other_half():
+    """relearn-forget-half trains on questions 0, 2 and reads 1, 3: every model's values (unlearned, target,
+    retrained, before and after) are means over the untaught questions. By hand, per question:
+    target 1 1 1 1; unlearned 0 0 0 0; after relearning 1 1 1 0 (the taught questions 0 and 2 came back,
+    and question 1): read on 1 and 3, recall comes back (0.5 - 0) / (1 - 0) = 50%, where all four
+    questions would say 75%. The retrained model answers 0 0 0 0 and 1 0 1 0 after: its taught questions
+    only, so its control on the untaught ones is 0 (on all four it would be 50%)."""
+    attack = "relearn-forget-half-25"
+    per_question = {
+        ("target", NO_ATTACK): [1, 1, 1, 1],
+        ("target", attack): [1, 1, 1, 1],
+        ("u", NO_ATTACK): [0, 0, 0, 0],
+        ("u", attack): [1, 1, 1, 0],
+        ("retrained", NO_ATTACK): [0, 0, 0, 0],
+        ("retrained", attack): [1, 0, 1, 0],
+    }
+    cells = {}
+    for (model, name), values in per_question.items():
+        metric = {
+            "value": sum(values) / 4,
+            "higher_is_better": False,
+            "item_values": [float(v) for v in values],
+        }
+        cells[f"{model}|{name}"] = {
+            "model": model,
+            "attack": name,
+            "metrics": {"recall_forget": metric},
+            "attack_info": {"measure_forget_qa": [1, 3]} if name == attack else {},
+        }
+    results = {
+        "config": {"attacks": [attack], "metrics": ["recall_forget"]},
+        "models": {
+            m: {"role": m if m != "u" else "unlearned", "path": m} for m in ("target", "retrained", "u")
+        },
+        "cells": cells,
+    }
+    row = recovery_table(results)["u"][attack]
+    assert row["recall_forget"] == pytest.approx(0.5)
+    assert row["recall_forget:control"] == pytest.approx(0.0)
+    assert row["recall_forget:kept"] == pytest.approx(0.5)  # attacked target 1 vs 0.5 on the untaught half
+    # The paired intervals draw from the two untaught questions alone: every replicate's share is 0, 0.5 or 1.
+    low, high = row["recall_forget:interval"]
+    assert 0.0 <= low <= 0.5 <= high <= 1.0
+    # Without the record of the measured questions (an attack read on all of them) the shares are 75% and 50%.
+    for cell in cells.values():
+        cell["attack_info"] = {}
+    row = recovery_table(results)["u"][attack]
+    assert row["recall_forget"] == pytest.approx(0.75) and row["recall_forget:control"] == pytest.approx(0.5)
 
 
 def test_verdict_relapses_names_the_attack_and_the_share():
@@ -828,3 +879,11 @@ def test_audit_config_checks_the_primary_metric_and_keeps_old_hashes():
         )
     with pytest.raises(ConfigError, match="--primary must be one of"):
         AuditConfig(target="t", unlearned=["u"], data="d", metrics=["privleak"], primary="privleak")
+
+
+def test_a_cell_keeps_the_forget_questions_its_attack_is_read_on():
+    from relapse.audit.sweep import _small_info
+
+    info = {"split": "forget-half", "steps": 25, "loss_curve": [1.0, 0.5], "measure_forget_qa": [1, 3]}
+    assert _small_info(info) == {"split": "forget-half", "steps": 25, "measure_forget_qa": [1, 3]}
+    assert "measure_forget_qa" not in _small_info({"split": "retain", "measure_forget_qa": []})

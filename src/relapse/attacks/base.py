@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from relapse.attacks.rtn import QuantScheme
 
 
+#: The key under which an attack's record lists the forget questions (indices into ``forget_qa``) that
+#: its cells are to be read on, when not all: relearning on half of the forget set is read on the other
+#: half (the audit's recovered shares and their intervals use those questions alone, for every model).
+MEASURED_FORGET_QA = "measure_forget_qa"
+
+
 @dataclass
 class AttackContext:
     """What an attack may need besides the model: data (relearning, calibration), options, a seed."""

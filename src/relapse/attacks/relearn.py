@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from relapse.attacks.base import Attack, AttackContext
+from relapse.attacks.base import MEASURED_FORGET_QA, Attack, AttackContext
 from relapse.data.batching import EpochSampler, collate, tokenize_for_lm
+from relapse.data.benchmark import forget_half
 from relapse.data.prompts import qa_text
 from relapse.errors import ConfigError
 from relapse.training.loop import LoopConfig, run_loop
@@ -51,8 +52,8 @@ class RelearnAttack(Attack):
         elif self.split == "holdout":
             pairs = benchmark.holdout_qa
         else:
-            pairs = benchmark.forget_qa[0::2]
-            measured = list(range(1, len(benchmark.forget_qa), 2))
+            taught, measured = forget_half(len(benchmark.forget_qa))
+            pairs = [benchmark.forget_qa[i] for i in taught]
         if not pairs:
             raise ConfigError(f"{self.name}: the benchmark has no {self.split} QA pairs to train on")
         tokenizer = context.tokenizer
@@ -84,6 +85,6 @@ class RelearnAttack(Attack):
             "steps": self.steps,
             "lr": self.lr,
             "trained_pairs": len(pairs),
-            "measure_forget_qa": measured,
+            MEASURED_FORGET_QA: measured,
             "loss_curve": result.loss_curve,
         }

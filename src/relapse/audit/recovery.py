@@ -7,7 +7,9 @@ The recovered share of the forgetting gap, per metric (docs/audit.md)::
 0 means the attack brought nothing back, 1 that the attacked unlearned model scores like the target.
 When the gap ``M(T) - M(U)`` is too small to divide by (the model did not forget on that metric) the
 ratio is ``None``. The retrained model under the same attack is the control: an attack that teaches (a
-relearning run on related data) raises the retrained model too, one that uncovers does not.
+relearning run on related data) raises the retrained model too, one that uncovers does not. Relearning
+on half of the forget set is read on the other half, the questions it never re-taught, for every model
+(:func:`measured_questions`: on the metrics that are means over the forget questions).
 
 What each metric is (its direction, its noise floor, whether it gets a ratio or may decide a verdict)
 is declared once in :mod:`relapse.metrics.catalog`; this module reads it from there.
@@ -20,9 +22,16 @@ from typing import Any
 
 import numpy as np
 
+from relapse.attacks.base import MEASURED_FORGET_QA
 from relapse.methods.select import DEFAULT_UTILITY_FLOOR
 from relapse.metrics import bootstrap
-from relapse.metrics.catalog import metric_info, recovery_metrics, utility_gate_metrics, verdict_metrics
+from relapse.metrics.catalog import (
+    metric_info,
+    per_forget_question,
+    recovery_metrics,
+    utility_gate_metrics,
+    verdict_metrics,
+)
 
 #: A recovered share at or above this makes a verdict say "relapses".
 RELAPSE_THRESHOLD = 0.25
@@ -206,42 +215,78 @@ def recovery_table(results: dict[str, Any]) -> dict[str, dict[str, dict[str, flo
         per_attack: dict[str, dict[str, float | None]] = {}
         for attack in results["config"]["attacks"]:
             row: dict[str, float | None] = {}
+            questions = measured_questions(results, attack)
             for metric, direction in directions.items():
-                unlearned_value = cell_value(results, model, NO_ATTACK, metric)
-                target_value = cell_value(results, target, NO_ATTACK, metric)
+                subset = questions if per_forget_question(metric) else None
+
+                def value(of: str | None, cell: str, metric: str = metric, subset=subset) -> float | None:
+                    return read_value(results, of, cell, metric, subset)
+
+                unlearned_value = value(model, NO_ATTACK)
+                target_value = value(target, NO_ATTACK)
                 row[metric] = recovery_ratio(
-                    cell_value(results, model, attack, metric),
-                    unlearned_value,
-                    target_value,
-                    direction,
-                    metric,
+                    value(model, attack), unlearned_value, target_value, direction, metric
                 )
                 row[f"{metric}:kept"] = gap_kept(
-                    cell_value(results, target, attack, metric),
-                    cell_value(results, model, attack, metric),
+                    value(target, attack),
+                    value(model, attack),
                     unlearned_value,
                     target_value,
                     direction,
                     metric,
                 )
                 if retrained:
-                    before = cell_value(results, retrained, NO_ATTACK, metric)
-                    after = cell_value(results, retrained, attack, metric)
+                    before, after = value(retrained, NO_ATTACK), value(retrained, attack)
                     shift = None if before is None or after is None else after - before
                     row[f"{metric}:control"] = share_of_gap(
                         shift, unlearned_value, target_value, direction, metric
                     )
-                row.update(share_intervals(results, model, attack, metric, target, retrained, direction))
+                row.update(
+                    share_intervals(results, model, attack, metric, target, retrained, direction, subset)
+                )
             per_attack[attack] = row
         table[model] = per_attack
     return table
 
 
-def item_values(results: dict[str, Any], model: str | None, attack: str, metric: str) -> list[float] | None:
-    """The per-item values behind a cell's metric (a mean's), or None (an AUC; an audit from before)."""
+def measured_questions(results: dict[str, Any], attack: str) -> list[int] | None:
+    """The forget questions ``attack``'s cells are to be read on (relearning on half of the forget set:
+    the other half), as its cells' records name them; None for all."""
+    for cell in results.get("cells", {}).values():
+        if cell.get("attack") == attack:
+            questions = (cell.get("attack_info") or {}).get(MEASURED_FORGET_QA)
+            if questions:
+                return list(questions)
+    return None
+
+
+def read_value(
+    results: dict[str, Any], model: str | None, attack: str, metric: str, questions: list[int] | None
+) -> float | None:
+    """A cell's value of ``metric``, or with ``questions`` its mean over those forget questions alone
+    (None where the cell has no per-question values to read them from)."""
+    if questions is None:
+        return cell_value(results, model, attack, metric) if model else None
+    values = item_values(results, model, attack, metric, questions)
+    return float(np.mean(values)) if values else None
+
+
+def item_values(
+    results: dict[str, Any],
+    model: str | None,
+    attack: str,
+    metric: str,
+    questions: list[int] | None = None,
+) -> list[float] | None:
+    """The per-item values behind a cell's metric (a mean's), or None (an AUC; an audit from before);
+    with ``questions``, those items alone."""
     cell = results.get("cells", {}).get(cell_key(model, attack)) if model else None
     values = cell["metrics"].get(metric, {}).get("item_values") if cell else None
-    return values or None
+    if not values:
+        return None
+    if questions is None:
+        return values
+    return [values[i] for i in questions] if max(questions) < len(values) else None
 
 
 def value_intervals(results: dict[str, Any]) -> dict[str, dict[str, list[float] | None]]:
@@ -279,6 +324,7 @@ def share_intervals(
     target: str | None,
     retrained: str | None,
     direction: bool | None,
+    questions: list[int] | None = None,
 ) -> dict[str, list[float] | None]:
     """Paired bootstrap intervals of the recovered share (``{metric}:interval``), the gap kept between the
     attacked target and the attacked unlearned model (``{metric}:kept_interval``), the retrained control
@@ -308,7 +354,7 @@ def share_intervals(
         lambda u, a, t: share(a - u, u, t), [unlearned, attacked, reference], seed=seed
     )
     out = {f"{metric}:interval": _listed(bootstrap.percentile_interval(shares))}
-    attacked_target = item_values(results, target, attack, metric)
+    attacked_target = item_values(results, target, attack, metric, questions)
     if attacked_target and len(attacked_target) == len(unlearned):
         kept = bootstrap.paired_replicates(
             lambda u, a, t, at: share(at - a, u, t),
@@ -316,8 +362,8 @@ def share_intervals(
             seed=seed,
         )
         out[f"{metric}:kept_interval"] = _listed(bootstrap.percentile_interval(kept))
-    before = item_values(results, retrained, NO_ATTACK, metric)
-    after = item_values(results, retrained, attack, metric)
+    before = item_values(results, retrained, NO_ATTACK, metric, questions)
+    after = item_values(results, retrained, attack, metric, questions)
     if before and after and len(before) == len(after) == len(unlearned):
         controls = bootstrap.paired_replicates(
             lambda u, t, r0, r1: share(r1 - r0, u, t), [unlearned, reference, before, after], seed=seed

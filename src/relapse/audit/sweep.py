@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from relapse.attacks.base import AttackContext, applied
+from relapse.attacks.base import MEASURED_FORGET_QA, AttackContext, applied
 from relapse.attacks.registry import get_attack
 from relapse.audit.recovery import NO_ATTACK, cell_key, finish
 from relapse.audit.results import RESULTS_KIND, RESULTS_NAME, load_results
@@ -261,8 +261,12 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _small_info(info: dict[str, Any]) -> dict[str, Any]:
-    """The scalar parts of an attack's record (lists of tensor names go to the items file)."""
-    return {k: v for k, v in info.items() if isinstance(v, int | float | str | bool) or v is None}
+    """The scalar parts of an attack's record (lists of tensor names go to the items file), and the forget
+    questions its cells are read on where it says (relearning on half of the forget set)."""
+    kept = {k: v for k, v in info.items() if isinstance(v, int | float | str | bool) or v is None}
+    if info.get(MEASURED_FORGET_QA):
+        kept[MEASURED_FORGET_QA] = list(info[MEASURED_FORGET_QA])
+    return kept
 
 
 def run_audit(

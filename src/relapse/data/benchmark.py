@@ -44,6 +44,13 @@ SPLITS = (*TEXT_SPLITS, *QA_SPLITS, ICL, GENERAL, HOLDOUT_QA, VERBMEM, *MEMBERSH
 META_NAME = "meta.json"
 
 
+def forget_half(n_questions: int) -> tuple[list[int], list[int]]:
+    """The two halves of a forget QA set of ``n_questions`` for relearning on half of it: the
+    even-numbered questions to train on and the odd-numbered ones to measure, so that what comes back on
+    the measured half was never re-taught."""
+    return list(range(0, n_questions, 2)), list(range(1, n_questions, 2))
+
+
 def split_file(name: str) -> str:
     """The file name of split ``name`` in a benchmark folder (``forget.jsonl``)."""
     return f"{name}.jsonl"

@@ -37,6 +37,9 @@ class MetricInfo:
     ``verdict``: a verdict may follow it without being told to (the one-sided forget metrics; the
     two-sided ones are noisy and their ideal is the retrained model's value, not the lowest).
     ``plot_rank``: the report's plots prefer the forget metric of the lowest rank that was measured.
+    ``per_forget_question``: its value is the mean of one value per forget QA pair, every pair in
+    ``forget_qa`` order (its ``item_values``), so it can be read on some of the questions (relearning on
+    half of them). TOFU's forget metrics are not: they score the pairs that have answer variants.
     """
 
     name: str
@@ -47,6 +50,7 @@ class MetricInfo:
     recovery: bool = False
     verdict: bool = False
     plot_rank: int | None = None
+    per_forget_question: bool = False
 
     @property
     def two_sided(self) -> bool:
@@ -73,16 +77,34 @@ def _membership(name: str, recovery: bool = False) -> MetricInfo:
 #: Gaps: ROUGE x 100 moves by 1, a share (recall, an AUC) by 0.02 (one question in 50), NLL by 0.05
 #: nats, PrivLeak (a percentage) by 5 points (its noise on a forget set of 50 is several points).
 METRICS: tuple[MetricInfo, ...] = (
-    MetricInfo("knowmem_forget", "forgetting", False, min_gap=1.0, recovery=True, verdict=True, plot_rank=0),
+    MetricInfo(
+        "knowmem_forget",
+        "forgetting",
+        False,
+        min_gap=1.0,
+        recovery=True,
+        verdict=True,
+        plot_rank=0,
+        per_forget_question=True,
+    ),
     MetricInfo("verbmem_forget", "forgetting", False, min_gap=1.0, recovery=True, verdict=True, plot_rank=2),
-    MetricInfo("recall_forget", "forgetting", False, min_gap=0.02, recovery=True, verdict=True, plot_rank=1),
+    MetricInfo(
+        "recall_forget",
+        "forgetting",
+        False,
+        min_gap=0.02,
+        recovery=True,
+        verdict=True,
+        plot_rank=1,
+        per_forget_question=True,
+    ),
     MetricInfo("privleak", "privacy", None, best=0.0, min_gap=5.0, recovery=True),
     _membership(f"mia_mink_{PRIVLEAK_PERCENT}", recovery=True),
     _membership("mia_loss", recovery=True),
     _membership(f"mia_minkpp_{PRIVLEAK_PERCENT}", recovery=True),
     _membership("mia_zlib", recovery=True),
     # Higher is better on the forget answers' NLL: the model finds them less likely.
-    MetricInfo("nll_forget", "forgetting", True, min_gap=0.05, recovery=True),
+    MetricInfo("nll_forget", "forgetting", True, min_gap=0.05, recovery=True, per_forget_question=True),
     MetricInfo("knowmem_retain", "utility", True, min_gap=1.0),
     MetricInfo("recall_retain", "utility", True, min_gap=0.02),
     MetricInfo("ppl_general", "utility", False),
@@ -147,3 +169,9 @@ def plot_forget_metrics() -> tuple[str, ...]:
     """The forget metrics the report's plots may follow, in order of preference."""
     ranked = sorted((info for info in METRICS if info.plot_rank is not None), key=lambda i: i.plot_rank)
     return tuple(info.name for info in ranked)
+
+
+def per_forget_question(name: str) -> bool:
+    """Whether ``name`` is a mean over the forget QA pairs (see :class:`MetricInfo`)."""
+    info = metric_info(name)
+    return bool(info and info.per_forget_question)
