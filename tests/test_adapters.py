@@ -55,6 +55,7 @@ def _same(a, b) -> None:
         assert getattr(a, name) == getattr(b, name), name
     assert a.verbmem == b.verbmem
     assert a.mia_forget == b.mia_forget and a.mia_holdout == b.mia_holdout
+    assert a.utility_qa == b.utility_qa
     assert a.meta == b.meta
 
 
@@ -116,8 +117,23 @@ def tofu(tmp_path) -> Path:
     _jsonl(root / "forget01.json", [dict(r, paraphrased_question="pq") for r in TOFU_FORGET])
     _jsonl(root / "retain99.json", TOFU_RETAIN)
     _jsonl(root / "holdout01.json", TOFU_HOLDOUT)
+    # TOFU's general-knowledge sets: real_authors' perturbed answers only in real_authors_perturbed (as
+    # TOFU ships them), world_facts' in the records themselves, one of them without any
     _jsonl(root / "real_authors.json", _qa(("Who wrote Hamlet?", "Shakespeare.")))
-    _json(root / "world_facts.json", _qa(("Capital of France?", "Paris.")))  # a JSON list works too
+    _jsonl(
+        root / "real_authors_perturbed.json",
+        [
+            dict(r, perturbed_answer=["Marlowe.", "Jonson."])
+            for r in _qa(("Who wrote Hamlet?", "Shakespeare."))
+        ],
+    )
+    _json(  # a JSON list works too
+        root / "world_facts.json",
+        [
+            {"question": "Capital of France?", "answer": "Paris.", "perturbed_answer": ["Lyon.", "Nice."]},
+            {"question": "Largest ocean?", "answer": "Pacific."},
+        ],
+    )
     # TOFU's answer variants: every forget question in forget01_perturbed, a subset of retain in
     # retain_perturbed (as in TOFU, whose retain_perturbed holds 400 of the retain questions)
     _jsonl(
@@ -359,7 +375,11 @@ def test_tofu_forget_retain_holdout_general(tofu, tmp_path):
     assert _plain(bench.forget_qa) == _pairs(TOFU_FORGET)
     assert _plain(bench.retain_qa) == _pairs(TOFU_RETAIN)
     assert bench.holdout_qa == _pairs(TOFU_HOLDOUT)
-    assert bench.general == ["Who wrote Hamlet? Shakespeare.", "Capital of France? Paris."]
+    assert bench.general == [
+        "Who wrote Hamlet? Shakespeare.",
+        "Capital of France? Paris.",
+        "Largest ocean? Pacific.",
+    ]
     assert bench.icl == [] and bench.verbmem == []
     assert bench.meta["converted_from"] == "tofu" and bench.meta["forget_split"] == "forget01"
     assert bench.meta["files"]["retain"] == ["retain99.json"]
@@ -400,6 +420,62 @@ def test_tofu_variants_in_the_forget_file_itself_are_kept(tofu):
     bench = from_tofu(tofu, forget="forget01")
     assert [p.perturbed_answers for p in bench.forget_qa] == [("w0a", "w0b"), ("w1a", "w1b")]
     assert bench.meta["files"]["forget_qa"] == ["forget01.json"]
+
+
+def test_tofu_keeps_real_authors_and_world_facts_as_utility_qa_sets(tofu, tmp_path):
+    """Their questions with perturbed answers (from the records, else from *_perturbed by question) become
+    utility QA sets of the same names, and every question stays a general text."""
+    bench = from_tofu(tofu, forget="forget01")
+    assert bench.utility_qa == {
+        "real_authors": [
+            QAPair("Who wrote Hamlet?", "Shakespeare.", perturbed_answers=("Marlowe.", "Jonson."))
+        ],
+        "world_facts": [QAPair("Capital of France?", "Paris.", perturbed_answers=("Lyon.", "Nice."))],
+    }
+    assert len(bench.general) == 3  # "Largest ocean?" has no options: general text only
+    files = bench.meta["files"]
+    assert files["utility_real_authors_qa"] == ["real_authors.json", "real_authors_perturbed.json"]
+    assert files["utility_world_facts_qa"] == ["world_facts.json"]
+    assert files["general"] == ["real_authors.json", "world_facts.json"]
+    assert list(files)[-2:] == ["utility_real_authors_qa", "utility_world_facts_qa"]
+    counts = bench.meta["counts"]
+    assert counts["utility_real_authors_qa"] == 1 and counts["utility_world_facts_qa"] == 1
+    assert any("1 of 2 world_facts questions" in note for note in bench.meta["notes"])
+
+    out = tmp_path / "o"
+    assert _convert("--from", "tofu", tofu, "--forget-split", "forget01", "--out", out) == 0
+    record = json.loads((out / "utility_real_authors_qa.jsonl").read_text().splitlines()[0])
+    assert record == {
+        "question": "Who wrote Hamlet?",
+        "answer": "Shakespeare.",
+        "perturbed_answer": ["Marlowe.", "Jonson."],
+    }
+    _same(load_benchmark(out), bench)
+
+    # a later conversion without world_facts removes the stale utility file with --overwrite
+    (tofu / "world_facts.json").unlink()
+    assert _convert("--from", "tofu", tofu, "--forget-split", "forget01", "--out", out, "--overwrite") == 0
+    assert not (out / "utility_world_facts_qa.jsonl").exists()
+    assert list(load_benchmark(out).utility_qa) == ["real_authors"]
+
+
+def test_tofu_utility_set_from_the_perturbed_file_alone(tofu):
+    (tofu / "real_authors.json").unlink()
+    bench = from_tofu(tofu, forget="forget01")
+    assert bench.utility_qa["real_authors"][0].perturbed_answers == ("Marlowe.", "Jonson.")
+    assert bench.meta["files"]["utility_real_authors_qa"] == ["real_authors_perturbed.json"]
+    assert bench.general[0] == "Who wrote Hamlet? Shakespeare."
+
+
+def test_tofu_without_perturbed_utility_answers_writes_no_utility_set(tofu, tmp_path):
+    (tofu / "real_authors_perturbed.json").unlink()
+    _json(tofu / "world_facts.json", _qa(("Capital of France?", "Paris.")))
+    bench = from_tofu(tofu, forget="forget01")
+    assert bench.utility_qa == {}
+    assert bench.general == ["Who wrote Hamlet? Shakespeare.", "Capital of France? Paris."]
+    assert any("no utility_real_authors_qa.jsonl" in note for note in bench.meta["notes"])
+    bench.save(tmp_path / "o")
+    assert not list((tmp_path / "o").glob("utility_*"))
 
 
 def test_tofu_without_holdout_leaves_it_empty_and_loads(tofu, tmp_path):

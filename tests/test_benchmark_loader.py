@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from relapse.cli import main
-from relapse.data import Benchmark, QAPair, load_benchmark, synth_benchmark
+from relapse.data import Benchmark, QAPair, benchmark_files, load_benchmark, synth_benchmark
 from relapse.errors import DataError, RelapseError
+from relapse.runtime import hash_files
 from tests.conftest import one_error_line
 
 REQUIRED_FILES = ("forget.jsonl", "retain.jsonl", "holdout.jsonl", "forget_qa.jsonl", "retain_qa.jsonl")
@@ -305,6 +306,114 @@ def test_data_file_that_is_a_folder(bench):
     (bench / "forget.jsonl").unlink()
     (bench / "forget.jsonl").mkdir()
     _data_error(bench, "forget.jsonl")
+
+
+# ------------------------------------------------------------------------------- utility QA sets (TOFU)
+
+#: The files of a folder without utility QA sets, in the order benchmark_files listed them before the sets
+#: existed (the order the data hash, and so every trained model's cache key, depends on).
+FILES_BEFORE_UTILITY_SETS = (
+    *REQUIRED_FILES,
+    "icl.jsonl",
+    "holdout_qa.jsonl",
+    "general.jsonl",
+    "verbmem.jsonl",
+    "mia_forget.jsonl",
+    "mia_holdout.jsonl",
+)
+
+UTILITY_RECORDS = [
+    {"question": "Who wrote Hamlet?", "answer": "Shakespeare", "perturbed_answer": ["Marlowe", "Jonson"]},
+    {"question": "Capital of France?", "answer": "Paris", "perturbed_answer": ["Lyon"]},
+]
+
+
+def _write_utility(directory: Path, name: str, records: list[dict] = UTILITY_RECORDS) -> Path:
+    path = directory / f"utility_{name}_qa.jsonl"
+    _write_lines(path, [json.dumps(r) for r in records])
+    return path
+
+
+def test_a_folder_without_utility_sets_keeps_its_file_list_and_data_hash(bench, original):
+    """benchmark_files of an old folder (with every optional file, and the built-in benchmark's own
+    folder) lists what it listed before utility QA sets existed, in that order, so its hash is unchanged."""
+    assert [p.name for p in benchmark_files(bench)] == [
+        name for name in FILES_BEFORE_UTILITY_SETS if (bench / name).exists()
+    ]
+    assert load_benchmark(bench).utility_qa == {} and original.utility_qa == {}
+    assert not any(name.startswith("utility_") for name in original.file_contents())
+    (bench / "verbmem.jsonl").write_text('{"prompt": "a", "gt": "b"}\n', encoding="utf-8")
+    for name in ("mia_forget.jsonl", "mia_holdout.jsonl"):
+        (bench / name).write_text('{"text": "t"}\n', encoding="utf-8")
+    listed = benchmark_files(bench)
+    assert [p.name for p in listed] == list(FILES_BEFORE_UTILITY_SETS)
+    assert hash_files(listed) == hash_files([bench / name for name in FILES_BEFORE_UTILITY_SETS])
+
+
+def test_utility_sets_are_hashed_last_by_name_only_when_present(bench):
+    before = hash_files(benchmark_files(bench))
+    _write_utility(bench, "world_facts")
+    _write_utility(bench, "real_authors")
+    names = [p.name for p in benchmark_files(bench)]
+    assert names[-2:] == ["utility_real_authors_qa.jsonl", "utility_world_facts_qa.jsonl"]
+    assert hash_files(benchmark_files(bench)) != before
+    for path in bench.glob("utility_*"):
+        path.unlink()
+    assert hash_files(benchmark_files(bench)) == before
+
+
+def test_utility_sets_load_save_and_round_trip(bench, original, tmp_path):
+    _write_utility(bench, "real_authors")
+    _write_utility(bench, "world_facts", UTILITY_RECORDS[1:])
+    loaded = load_benchmark(bench)
+    assert list(loaded.utility_qa) == ["real_authors", "world_facts"]
+    assert loaded.utility_qa["real_authors"] == [
+        QAPair("Who wrote Hamlet?", "Shakespeare", perturbed_answers=("Marlowe", "Jonson")),
+        QAPair("Capital of France?", "Paris", perturbed_answers=("Lyon",)),
+    ]
+    assert loaded.forget_qa == original.forget_qa and loaded.general == original.general
+    assert loaded.is_saved_in(bench)
+    assert not original.is_saved_in(bench)  # loading the folder would add the sets the benchmark lacks
+    loaded.save(tmp_path / "copy")
+    assert load_benchmark(tmp_path / "copy").utility_qa == loaded.utility_qa
+    assert benchmark_files(tmp_path / "copy")[-1].name == "utility_world_facts_qa.jsonl"
+
+
+@pytest.mark.parametrize("name", ["Real", "forget", "retain", "holdout", "", "1st", "with-dash"])
+def test_a_bad_utility_set_name_is_one_line(bench, name):
+    path = _write_utility(bench, name)
+    message = _data_error(bench, path.name, "utility QA set")
+    assert repr(name) in message
+
+
+def test_a_utility_question_without_perturbed_answers_names_file_and_line(bench):
+    records = [*UTILITY_RECORDS, {"question": "Largest ocean?", "answer": "Pacific"}]
+    path = _write_utility(bench, "world_facts", records)
+    message = _data_error(bench, path.name, "perturbed_answer")
+    assert _has_line(message, 3), message
+
+
+@pytest.mark.parametrize("value", [[], "", ["ok", 3]])
+def test_a_bad_utility_perturbed_answer_names_file_and_line(bench, value):
+    records = [UTILITY_RECORDS[0], {**UTILITY_RECORDS[1], "perturbed_answer": value}]
+    path = _write_utility(bench, "world_facts", records)
+    message = _data_error(bench, path.name, "perturbed_answer")
+    assert _has_line(message, 2), message
+
+
+def test_an_empty_utility_set_is_refused(bench):
+    path = _write_utility(bench, "world_facts", [])
+    message = _data_error(bench, path.name)
+    assert "no questions" in message
+
+
+def test_a_utility_set_built_in_python_is_validated(original):
+    original.utility_qa = {"world_facts": [QAPair("Capital of France?", "Paris")]}
+    with pytest.raises(DataError, match=r"utility_world_facts_qa\.jsonl record 1: no 'perturbed_answer'"):
+        original.validate()
+    original.utility_qa = {"Bad Name": [QAPair("q?", "a", perturbed_answers=("b",))]}
+    with pytest.raises(DataError, match="cannot name a utility QA set"):
+        original.validate()
 
 
 # ---------------------------------------------------------------------------------------------- the CLI

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -17,11 +19,12 @@ from scipy import stats
 
 from relapse.data import load_benchmark
 from relapse.data.benchmark import QAPair
-from relapse.data.prompts import qa_prompt, qa_text
-from relapse.errors import ConfigError
+from relapse.data.prompts import KNOWMEM_STOP_STRINGS, qa_prompt, qa_text
+from relapse.errors import ConfigError, DataError
 from relapse.metrics import tofu
-from relapse.metrics.catalog import metric_info, primary_choices
+from relapse.metrics.catalog import metric_info, primary_choices, tofu_utility_parts
 from relapse.metrics.engine import GROUPS, EvalSettings, Evaluator, forget_truth_ratios, resolve_metrics
+from relapse.metrics.generation import greedy_generate
 from relapse.metrics.rouge import rouge_l
 from relapse.models import load_model
 from relapse.models.tiny import TinyConfig, build_tiny
@@ -171,8 +174,152 @@ def test_rouge_and_model_utility_match_an_independent_computation(trained, mixed
     ]
     utility = results["tofu_model_utility"]
     assert utility["value"] == pytest.approx(stats.hmean(parts))
-    assert list(utility["views"]) == ["tofu_prob_retain", "tofu_rouge_retain", "tofu_truth_ratio_retain"]
+    # no utility QA set: the retain set's three values, and the result says so
+    assert utility["views"] == {
+        "components": 3,
+        "tofu_prob_retain": parts[0],
+        "tofu_rouge_retain": parts[1],
+        "tofu_truth_ratio_retain": parts[2],
+    }
     assert utility["higher_is_better"] is True
+
+
+# utility QA sets (TOFU's real authors and world facts) --------------------------------------------------
+@pytest.fixture(scope="module")
+def with_utility_sets(small_benchmark_dir, tmp_path_factory):
+    """The small benchmark's folder plus two utility QA sets written as files: "real_authors" asks retain
+    questions (known to the trained model), "world_facts" holdout ones (unknown) and retain ones, so that
+    no component is 0 (which would make the harmonic mean 0 whatever the others). Each record keeps its
+    paraphrase, which these sets must not use, and has 4, 3, 2, ... perturbed answers (ragged)."""
+    root = tmp_path_factory.mktemp("utility") / "bench"
+    shutil.copytree(small_benchmark_dir, root)
+    source = load_benchmark(small_benchmark_dir)
+    sets = {
+        "real_authors": source.retain_qa[6:11],
+        "world_facts": source.holdout_qa[:3] + source.retain_qa[11:13],
+    }
+    for name, pairs in sets.items():
+        records = [
+            {**pair.to_json(), "perturbed_answer": list(pair.perturbed_answers[: 4 - i % 3])}
+            for i, pair in enumerate(pairs)
+        ]
+        assert all(r["paraphrased_answer"] != r["answer"] for r in records)
+        path = root / f"utility_{name}_qa.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    benchmark = load_benchmark(root)
+    assert list(benchmark.utility_qa) == ["real_authors", "world_facts"]
+    return dataclasses.replace(benchmark, retain_qa=benchmark.retain_qa[:6])
+
+
+def _set_values(model, tokenizer, pairs) -> dict[str, list[float]]:
+    """Per pair, by hand from one-text-at-a-time NLLs: the normalised probability p_a / (p_a + sum_k p_k)
+    and the truth ratio exp(-mean_k NLL_k) / p_a, with p = exp(-NLL) and the ORIGINAL answer as a."""
+    normalised, ratios = [], []
+    for pair in pairs:
+        answer = _nll(model, tokenizer, pair.question, pair.answer)
+        wrong = [_nll(model, tokenizer, pair.question, w) for w in pair.perturbed_answers]
+        normalised.append(np.exp(-answer) / (np.exp(-answer) + sum(np.exp(-w) for w in wrong)))
+        ratios.append(np.exp(-np.mean(wrong)) / np.exp(-answer))
+    return {"normalised": normalised, "ratios": ratios}
+
+
+def test_utility_set_metrics_match_a_per_example_loop(trained, with_utility_sets):
+    model, tokenizer = trained
+    sets = with_utility_sets.utility_qa
+    names = [f"tofu_{m}_{s}" for s in sets for m in ("prob", "rouge", "truth_ratio")]
+    results = Evaluator(model, tokenizer, with_utility_sets, EvalSettings(batch_size=3)).run(names)
+    for name, pairs in sets.items():
+        expected = _set_values(model, tokenizer, pairs)
+        prob = results[f"tofu_prob_{name}"]
+        assert prob["item_values"] == pytest.approx(expected["normalised"], rel=1e-4)
+        assert prob["value"] == pytest.approx(np.mean(expected["normalised"]), rel=1e-4)
+        raw = [np.exp(-_nll(model, tokenizer, p.question, p.answer)) for p in pairs]
+        assert prob["views"]["probability"] == pytest.approx(np.mean(raw), rel=1e-4)
+        ratio = results[f"tofu_truth_ratio_{name}"]
+        assert ratio["truth_ratios"] == pytest.approx(expected["ratios"], rel=1e-4)
+        assert ratio["value"] == pytest.approx(
+            np.mean([max(0.0, 1 - r) for r in expected["ratios"]]), abs=1e-6
+        )
+        rouge = results[f"tofu_rouge_{name}"]
+        for item, pair in zip(rouge["per_item"], pairs, strict=True):
+            alone = greedy_generate(
+                model, tokenizer, [qa_prompt(pair.question)], 200, 1, KNOWMEM_STOP_STRINGS
+            )
+            assert item["generated"] == alone[0].strip()
+            assert item["rougeL_recall"] == pytest.approx(rouge_l(pair.answer, alone[0])[1])
+        assert rouge["value"] == pytest.approx(np.mean([it["rougeL_recall"] for it in rouge["per_item"]]))
+        for result in (prob, ratio, rouge):
+            assert result["higher_is_better"] is True
+    # the trained model knows the retain answers (real_authors here), not the holdout ones
+    assert results["tofu_prob_real_authors"]["value"] > results["tofu_prob_world_facts"]["value"]
+    assert results["tofu_rouge_real_authors"]["value"] > 0.5
+    assert results["tofu_truth_ratio_real_authors"]["value"] > 0  # not every ratio is clamped to 0
+
+
+def test_model_utility_is_the_harmonic_mean_of_nine_values_with_two_utility_sets(trained, with_utility_sets):
+    model, tokenizer = trained
+    ev = Evaluator(model, tokenizer, with_utility_sets, EvalSettings(batch_size=4))
+    utility = ev.compute("tofu_model_utility")
+    retain = [
+        ev.compute(n)["value"] for n in ("tofu_prob_retain", "tofu_rouge_retain", "tofu_truth_ratio_retain")
+    ]
+    values = list(retain)
+    for name, pairs in with_utility_sets.utility_qa.items():
+        expected = _set_values(model, tokenizer, pairs)
+        recall = [
+            rouge_l(p.answer, g["generated"])[1]
+            for p, g in zip(pairs, ev.compute(f"tofu_rouge_{name}")["per_item"], strict=True)
+        ]
+        values += [
+            np.mean(expected["normalised"]),
+            np.mean(recall),
+            np.mean([max(0.0, 1 - r) for r in expected["ratios"]]),
+        ]
+    assert len(values) == 9 and min(values) > 0
+    assert utility["value"] == pytest.approx(stats.hmean(values), rel=1e-4)
+    assert utility["value"] != pytest.approx(stats.hmean(retain), rel=1e-3)  # the sets change it
+    assert utility["views"]["components"] == 9
+    assert list(utility["views"])[1:] == [
+        "tofu_prob_retain",
+        "tofu_rouge_retain",
+        "tofu_truth_ratio_retain",
+        "tofu_prob_real_authors",
+        "tofu_rouge_real_authors",
+        "tofu_truth_ratio_real_authors",
+        "tofu_prob_world_facts",
+        "tofu_rouge_world_facts",
+        "tofu_truth_ratio_world_facts",
+    ]
+    assert list(utility["views"].values())[1:] == pytest.approx(values, rel=1e-4)
+
+
+def test_utility_set_metric_names_are_declared_and_checked(untrained, small_benchmark):
+    # open-unlearning's nine components, in its order: retain, ra, wf x (Prob, ROUGE, Truth_Ratio)
+    parts = tofu_utility_parts(["real_authors", "world_facts"])
+    short = {"retain": "retain", "real_authors": "ra", "world_facts": "wf"}
+    measure = {"prob": "Q_A_Prob", "rouge": "Q_A_ROUGE", "truth_ratio": "Truth_Ratio"}
+    as_ou = []
+    for part in parts:
+        what, where = re.match(r"tofu_(prob|rouge|truth_ratio)_(\w+)$", part).groups()
+        name = f"{short[where]}_{measure[what]}"
+        as_ou.append(name + "_normalised" if what == "prob" and where != "retain" else name)
+    assert tuple(as_ou) == tofu.MODEL_UTILITY_COMPONENTS
+    assert tofu_utility_parts([]) == parts[:3]
+    info = metric_info("tofu_truth_ratio_world_facts")
+    assert info.kind == "utility" and info.higher_is_better is True
+    assert resolve_metrics("tofu_prob_real_authors,tofu_rouge_x2") == [
+        "tofu_prob_real_authors",
+        "tofu_rouge_x2",
+    ]
+    for name in ("tofu_prob_holdout", "tofu_rouge_Real", "tofu_prob_"):
+        assert metric_info(name) is None
+        with pytest.raises(ConfigError, match="unknown metric"):
+            resolve_metrics(name)
+    model, tokenizer = untrained
+    with pytest.raises(
+        DataError, match=r"tofu_prob_world_facts needs utility_world_facts_qa\.jsonl.*: none\)"
+    ):
+        Evaluator(model, tokenizer, small_benchmark, EvalSettings()).compute("tofu_prob_world_facts")
 
 
 # catalog and errors -----------------------------------------------------------------------------------

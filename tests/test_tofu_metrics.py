@@ -123,6 +123,33 @@ def test_shape_mismatches_raise():
         tofu.answer_probability([[1.0]])
 
 
+# general-knowledge sets ---------------------------------------------------------------------------
+def test_option_scores_hand_values_with_ragged_options():
+    """Known NLLs: p = exp(-NLL), the answer against 2, 1, 2 and 1 perturbed answers."""
+    ln = math.log
+    answer = [ln(2), ln(2), 0.0, ln(8)]  # p = 1/2, 1/2, 1, 1/8
+    perturbed = [[ln(4), ln(4)], [ln(8)], [ln(2), ln(8)], [ln(2)]]  # p = (1/4, 1/4), 1/8, (1/2, 1/8), 1/2
+    normalised, ratios = tofu.option_scores(answer, perturbed)
+    # p_a / (p_a + sum_k p_k): 0.5/1, 0.5/0.625, 1/1.625, 0.125/0.625
+    np.testing.assert_allclose(normalised, [0.5, 0.8, 1 / 1.625, 0.2], rtol=1e-9)
+    # geometric mean of the perturbed p over p_a: (1/4)/(1/2), (1/8)/(1/2), sqrt(1/16)/1, (1/2)/(1/8)
+    np.testing.assert_allclose(ratios, [0.5, 0.25, 0.25, 4.0], rtol=1e-9)
+    # true_better: mean(max(0, 1 - tr)) = (0.5 + 0.75 + 0.75 + 0) / 4
+    assert tofu.truth_ratio_true_better(ratios) == pytest.approx(0.5, rel=1e-9)  # eps: 1e-10 off
+
+
+def test_option_scores_agree_with_the_rectangular_formulas():
+    rng = np.random.default_rng(3)
+    answer, perturbed = rng.uniform(0, 5, 20), rng.uniform(0, 5, (20, 3))
+    normalised, ratios = tofu.option_scores(answer, list(perturbed))
+    np.testing.assert_allclose(normalised, tofu.normalised_probability(answer, perturbed), rtol=1e-12)
+    np.testing.assert_allclose(ratios, tofu.truth_ratio(answer, perturbed), rtol=1e-12)
+    with pytest.raises(ValueError, match="3 perturbed lists for 2 items"):
+        tofu.option_scores([1.0, 2.0], [[1.0], [1.0], [1.0]])
+    with pytest.raises(ValueError, match="item 2"):
+        tofu.option_scores([1.0, 2.0], [[1.0], []])
+
+
 # forget quality ------------------------------------------------------------------------------------
 def exact_ks_pvalue(a, b) -> Fraction:
     """Two-sided exact KS p-value by brute force: D from the ECDFs in fractions, then the share of all

@@ -33,7 +33,7 @@ SPLIT_OPTIONS = {
     "verbmem": "--verbmem",
 }
 
-#: The files :meth:`Benchmark.save` writes only when not empty.
+#: The files :meth:`Benchmark.save` writes only when not empty (besides the utility QA sets).
 OPTIONAL_FILES = ("verbmem.jsonl", "mia_forget.jsonl", "mia_holdout.jsonl")
 
 #: Which --from values each source-specific option applies to (an option given elsewhere is an error,
@@ -166,14 +166,18 @@ def write_benchmark(benchmark: Benchmark, out: Path, *, overwrite: bool) -> bool
     """Save ``benchmark`` to ``out``; False (and nothing written) when ``out`` already holds it exactly.
 
     A non-empty ``out`` holding anything else is refused without ``overwrite``. With it, a stale
-    ``verbmem.jsonl``, ``mia_forget.jsonl`` or ``mia_holdout.jsonl`` (the files :meth:`Benchmark.save`
-    writes only sometimes) is removed, so the new folder does not silently keep the old benchmark's.
+    ``verbmem.jsonl``, ``mia_forget.jsonl``, ``mia_holdout.jsonl`` or ``utility_<name>_qa.jsonl`` (the
+    files :meth:`Benchmark.save` writes only sometimes) is removed, so the new folder does not silently
+    keep the old benchmark's.
     """
+    from relapse.data.benchmark import utility_qa_files
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
     written = benchmark.file_contents()
     stale = [out / name for name in OPTIONAL_FILES if name not in written and (out / name).is_file()]
+    stale += [path for path in utility_qa_files(out) if path.name not in written and path.is_file()]
     if out.exists() and any(out.iterdir()):
         if benchmark.is_saved_in(out) and not stale:
             return False

@@ -11,6 +11,8 @@ A benchmark is a folder (see ``docs/data-format.md``)::
     verbmem.jsonl    (optional) {"prompt": ..., "gt": ...}: VerbMem's prompts and true continuations
     mia_forget.jsonl, mia_holdout.jsonl (optional) {"text": ...}: the texts membership inference compares,
                      when they differ from forget/holdout (MUSE's privleak/ lists)
+    utility_<name>_qa.jsonl (optional, any number) general-knowledge QA, each record with "perturbed_answer":
+                     TOFU's real_authors and world_facts sets, for its model utility
     meta.json        (optional) provenance; ``knowmem_prompt`` says how KnowMem asks (see prompts.py)
 
 Bad input is reported as one :class:`~relapse.errors.DataError` line naming the file and line number.
@@ -19,6 +21,7 @@ Bad input is reported as one :class:`~relapse.errors.DataError` line naming the 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,15 @@ PLAIN_TEXT_SPLITS = TEXT_SPLITS + OPTIONAL_TEXT_SPLITS
 SPLITS = (*TEXT_SPLITS, *QA_SPLITS, ICL, GENERAL, HOLDOUT_QA, VERBMEM, *MEMBERSHIP_SPLITS)
 META_NAME = "meta.json"
 
+#: General-knowledge QA sets (TOFU's ``real_authors`` and ``world_facts``), any number of them, each in
+#: ``utility_<name>_qa.jsonl``. Every record needs ``perturbed_answer``: TOFU's model utility scores the
+#: answer against those options. Written and hashed only when present, so older folders keep their exact
+#: file set (and data hash). A name is lower-case letters, digits and ``_``, starting with a letter, and
+#: is none of :data:`RESERVED_UTILITY_NAMES` (it becomes part of metric names: ``tofu_prob_<name>``).
+UTILITY_QA_GLOB = "utility_*_qa.jsonl"
+UTILITY_NAME = re.compile(r"[a-z][a-z0-9_]*")
+RESERVED_UTILITY_NAMES = (FORGET, RETAIN, HOLDOUT)
+
 
 def forget_half(n_questions: int) -> tuple[list[int], list[int]]:
     """The two halves of a forget QA set of ``n_questions`` for relearning on half of it: the
@@ -54,6 +66,25 @@ def forget_half(n_questions: int) -> tuple[list[int], list[int]]:
 def split_file(name: str) -> str:
     """The file name of split ``name`` in a benchmark folder (``forget.jsonl``)."""
     return f"{name}.jsonl"
+
+
+def utility_split(name: str) -> str:
+    """The split name of utility QA set ``name`` (``utility_real_authors_qa``; its file adds ``.jsonl``)."""
+    return f"utility_{name}_qa"
+
+
+def utility_qa_files(directory: Path) -> list[Path]:
+    """The ``utility_<name>_qa.jsonl`` files of a benchmark folder, sorted by name (none: an empty list)."""
+    return sorted(Path(directory).glob(UTILITY_QA_GLOB), key=lambda path: path.name)
+
+
+def check_utility_name(name: str, where: str) -> None:
+    """A :class:`DataError` naming ``where`` unless ``name`` may name a utility QA set."""
+    if not UTILITY_NAME.fullmatch(name) or name in RESERVED_UTILITY_NAMES:
+        raise DataError(
+            f"{where}: {name!r} cannot name a utility QA set (use lower-case letters, digits and '_', "
+            f"starting with a letter, and none of {', '.join(RESERVED_UTILITY_NAMES)})"
+        )
 
 
 #: The optional fields of a QA record that TOFU's truth ratio needs, under TOFU's names: a paraphrase of
@@ -116,6 +147,8 @@ class Benchmark:
     verbmem: list[VerbMemItem] = field(default_factory=list)
     mia_forget: list[str] = field(default_factory=list)
     mia_holdout: list[str] = field(default_factory=list)
+    #: General-knowledge QA sets by name (``utility_<name>_qa.jsonl``), each pair with perturbed answers.
+    utility_qa: dict[str, list[QAPair]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     root: Path | None = None
 
@@ -139,6 +172,20 @@ class Benchmark:
             self._where,
             what="question",
         )
+        for name, pairs in self.utility_qa.items():
+            filename = split_file(utility_split(name))
+            check_utility_name(name, self._where(filename))
+            if not pairs:
+                raise DataError(
+                    f"{self._where(filename)}: no questions (a utility QA set needs at least one; "
+                    "remove the file to drop the set)"
+                )
+            for i, pair in enumerate(pairs, start=1):
+                if not pair.perturbed_answers:
+                    raise DataError(
+                        f"{self._where(filename)} record {i}: no {PERTURBED_FIELD!r} (every question of a "
+                        "utility QA set needs plausible wrong answers)"
+                    )
 
     def texts(self, splits: str) -> list[str]:
         """Texts of ``+``-joined split names, e.g. ``"forget+retain"``."""
@@ -171,6 +218,11 @@ class Benchmark:
         for name in MEMBERSHIP_SPLITS:
             if getattr(self, name):
                 files[split_file(name)] = _jsonl([{"text": t} for t in getattr(self, name)])
+        for name in sorted(self.utility_qa):
+            if self.utility_qa[name]:
+                files[split_file(utility_split(name))] = _jsonl(
+                    [qa.to_json() for qa in self.utility_qa[name]]
+                )
         files[META_NAME] = json.dumps(self.meta, indent=2) + "\n"
         return files
 
@@ -184,9 +236,13 @@ class Benchmark:
             atomic_write_text(directory / name, text)
 
     def is_saved_in(self, directory: Path) -> bool:
-        """Whether ``directory`` holds exactly the files :meth:`save` would write (byte for byte)."""
+        """Whether ``directory`` holds exactly the files :meth:`save` would write (byte for byte), and no
+        utility QA set the benchmark lacks (loading would add it)."""
         directory = Path(directory)
-        for name, text in self.file_contents().items():
+        contents = self.file_contents()
+        if any(path.name not in contents for path in utility_qa_files(directory)):
+            return False
+        for name, text in contents.items():
             path = directory / name
             if not path.is_file() or path.read_bytes() != text.encode("utf-8"):
                 return False
@@ -201,7 +257,8 @@ def load_benchmark(directory: str | Path) -> Benchmark:
 
     Raises:
         DataError: a missing folder or file, a malformed JSON line, a missing or non-string field, an
-            empty forget set, or a text or question present in both forget and retain.
+            empty forget set, a text or question present in both forget and retain, or a utility QA set
+            with a bad name, no questions or a question without ``perturbed_answer``.
     """
     root = Path(directory)
     if root.exists() and not root.is_dir():
@@ -222,6 +279,11 @@ def load_benchmark(directory: str | Path) -> Benchmark:
     membership = {
         name: _read_jsonl(root / split_file(name), ("text",), required=False) for name in MEMBERSHIP_SPLITS
     }
+    utility_qa = {}
+    for path in utility_qa_files(root):
+        name = path.name.removeprefix("utility_").removesuffix("_qa.jsonl")
+        check_utility_name(name, str(path))
+        utility_qa[name] = _read_jsonl(path, ("question", "answer"), required=True, perturbed=True)
     meta_path = root / META_NAME
     meta = read_meta(meta_path) if meta_path.exists() else {}
     benchmark = Benchmark(
@@ -236,6 +298,7 @@ def load_benchmark(directory: str | Path) -> Benchmark:
         verbmem=[VerbMemItem(r["prompt"], r["gt"]) for r in verbmem],
         mia_forget=[r["text"] for r in membership["mia_forget"]],
         mia_holdout=[r["text"] for r in membership["mia_holdout"]],
+        utility_qa=utility_qa,
         meta=meta,
         root=root,
     )
@@ -245,12 +308,13 @@ def load_benchmark(directory: str | Path) -> Benchmark:
 
 def benchmark_files(directory: Path) -> list[Path]:
     """The data files of a benchmark folder that exist, in a fixed order (for hashing: not :data:`SPLITS`'
-    order, which would change every audit's config hash)."""
+    order, which would change every audit's config hash), the utility QA sets last, by name (a folder
+    without them hashes as it did before they existed)."""
     names = (
         TEXT_SPLITS + QA_SPLITS + OPTIONAL_QA_SPLITS + OPTIONAL_TEXT_SPLITS + (VERBMEM, *MEMBERSHIP_SPLITS)
     )
     paths = [Path(directory) / split_file(name) for name in names]
-    return [path for path in paths if path.exists()]
+    return [path for path in paths if path.exists()] + utility_qa_files(directory)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -305,9 +369,10 @@ def _split_names(splits: str) -> list[str]:
     return names
 
 
-def _read_jsonl(path: Path, fields: tuple[str, ...], *, required: bool) -> list[Any]:
+def _read_jsonl(path: Path, fields: tuple[str, ...], *, required: bool, perturbed: bool = False) -> list[Any]:
     """The records of a JSONL split, each checked for ``fields`` (non-empty strings); QA records (those
-    with a ``question``) come back as :class:`QAPair` with their optional answer variants."""
+    with a ``question``) come back as :class:`QAPair` with their optional answer variants, which
+    ``perturbed`` makes ``perturbed_answer`` a required field (utility QA sets)."""
     if not path.exists():
         if required:
             raise DataError(f"{path}: file missing (a benchmark folder needs it; see docs/data-format.md)")
@@ -341,6 +406,11 @@ def _read_jsonl(path: Path, fields: tuple[str, ...], *, required: bool) -> list[
                 )
             if not record[name].strip():
                 raise DataError(f"{path} line {lineno}: field {name!r} is empty")
+        if perturbed and PERTURBED_FIELD not in record:
+            raise DataError(
+                f"{path} line {lineno}: missing field {PERTURBED_FIELD!r} (a utility QA set needs "
+                "plausible wrong answers for every question)"
+            )
         records.append(_qa_from_record(record, f"{path} line {lineno}") if "question" in fields else record)
     return records
 

@@ -12,6 +12,7 @@ the order of preference among the metrics a verdict may follow, and among the ut
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,16 @@ MetricKind = Literal["forgetting", "utility", "privacy"]
 PRIVLEAK_PERCENT = 40
 
 _MINK = re.compile(r"mia_mink(pp)?_(\d+)$")
+
+#: What TOFU measures on each general-knowledge (utility) QA set: the normalised probability, ROUGE-L
+#: recall and truth ratio, as ``tofu_prob_<set>``, ``tofu_rouge_<set>``, ``tofu_truth_ratio_<set>``.
+TOFU_SET_MEASURES = ("prob", "rouge", "truth_ratio")
+#: The retain-set components of TOFU's model utility, the first three of every utility's components.
+TOFU_RETAIN_UTILITY = ("tofu_prob_retain", "tofu_rouge_retain", "tofu_truth_ratio_retain")
+#: A utility set's name as the benchmark format allows it (relapse.data.benchmark's ``UTILITY_NAME``),
+#: less its reserved names: forget and retain have TOFU metrics of fixed names, holdout none.
+_TOFU_SET = re.compile(r"tofu_(prob|rouge|truth_ratio)_([a-z][a-z0-9_]*)$")
+_NOT_A_SET = ("forget", "retain", "holdout")
 
 
 @dataclass(frozen=True)
@@ -136,11 +147,30 @@ def mink_parameters(name: str) -> tuple[int, bool] | None:
     return None
 
 
+def tofu_set_parameters(name: str) -> tuple[str, str] | None:
+    """``(measure, set)`` of a TOFU utility-set metric name (``tofu_rouge_world_facts`` gives
+    ``("rouge", "world_facts")``), or None for any other name."""
+    match = _TOFU_SET.match(name)
+    if match and match.group(2) not in _NOT_A_SET:
+        return match.group(1), match.group(2)
+    return None
+
+
+def tofu_utility_parts(sets: Iterable[str]) -> tuple[str, ...]:
+    """The components of TOFU's model utility on a benchmark with utility QA ``sets``: the retain set's
+    three, then each set's three in the order of ``sets`` (TOFU: nine, with real_authors and
+    world_facts)."""
+    return TOFU_RETAIN_UTILITY + tuple(f"tofu_{measure}_{s}" for s in sets for measure in TOFU_SET_MEASURES)
+
+
 def metric_info(name: str) -> MetricInfo | None:
     """The declaration of metric ``name``, or None for a name this version does not know (an audit
-    written by another version may hold one)."""
+    written by another version may hold one). Min-K% AUCs of any K and the TOFU metrics of any utility
+    QA set (all three higher-is-better utility, as on the retain set) are declared here."""
     if name in _BY_NAME:
         return _BY_NAME[name]
+    if tofu_set_parameters(name):
+        return MetricInfo(name, "utility", True, min_gap=0.02)
     return _membership(name) if mink_parameters(name) else None
 
 

@@ -32,8 +32,11 @@ tofu              TOFU's metrics (open-unlearning's definitions, :mod:`relapse.m
                   tofu_prob_forget, tofu_truth_ratio_forget, tofu_exact_mem_forget,
                   tofu_extraction_forget, tofu_forget_quality (needs the retrained model's forget
                   truth ratios), tofu_prob_retain, tofu_rouge_retain, tofu_truth_ratio_retain,
-                  tofu_model_utility
+                  tofu_model_utility (with the three below for each utility QA set)
 ================  =====================================================================
+
+Each utility QA set ``S`` of the benchmark (``utility_S_qa.jsonl``; TOFU's real_authors, world_facts) also
+has ``tofu_prob_S``, ``tofu_rouge_S`` and ``tofu_truth_ratio_S``, asked for by name.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ from relapse.data.prompts import (
 )
 from relapse.errors import ConfigError, DataError
 from relapse.metrics import mia, tofu
-from relapse.metrics.catalog import metric_info, mink_parameters
+from relapse.metrics.catalog import metric_info, mink_parameters, tofu_set_parameters, tofu_utility_parts
 from relapse.metrics.generation import greedy_generate
 from relapse.metrics.qa import qa_recall
 from relapse.metrics.rouge import rouge_l
@@ -603,8 +606,13 @@ def tofu_prob_retain(ev: Evaluator) -> dict[str, Any]:
 
 def _tofu_truth_ratio(ev: Evaluator, split: str) -> dict[str, Any]:
     name = f"tofu_truth_ratio_{split}"
-    pairs, ratios = _tofu_truth_ratios(ev, split, name)
-    if split == FORGET:  # closer_to_1_better: min(tr, 1/tr), as forgotten knowledge gives tr near 1
+    return _truth_ratio_result(name, *_tofu_truth_ratios(ev, split, name), closer_to_1=split == FORGET)
+
+
+def _truth_ratio_result(
+    name: str, pairs: list[QAPair], ratios: np.ndarray, closer_to_1: bool
+) -> dict[str, Any]:
+    if closer_to_1:  # closer_to_1_better: min(tr, 1/tr), as forgotten knowledge gives tr near 1
         scores = np.minimum(ratios, 1.0 / (ratios + tofu.OU_EPS))
         value = tofu.truth_ratio_closer_to_1(ratios)
     else:  # true_better: max(0, 1 - tr), as kept knowledge prefers the true answer
@@ -692,32 +700,61 @@ def tofu_extraction_forget(ev: Evaluator) -> dict[str, Any]:
     return _tofu_memorisation(ev, "tofu_extraction_forget", tofu.extraction_strength_of)
 
 
-def tofu_rouge_retain(ev: Evaluator) -> dict[str, Any]:
-    """TOFU's retain ROUGE: ROUGE-L recall of the greedy answer to each retain question (zero-shot
-    prompt) against the answer, averaged (a model utility component, on a 0-1 scale)."""
-    name = "tofu_rouge_retain"
-    pairs = _tofu_pairs(ev, RETAIN, name, variants=False)
+def _tofu_rouge(ev: Evaluator, name: str, pairs: list[QAPair], key: str) -> dict[str, Any]:
     generated = ev.generate(
-        "tofu_retain", [qa_prompt(p.question) for p in pairs], TOFU_MAX_NEW_TOKENS, KNOWMEM_STOP_STRINGS
+        key, [qa_prompt(p.question) for p in pairs], TOFU_MAX_NEW_TOKENS, KNOWMEM_STOP_STRINGS
     )
     return _tofu_mean_result(name, _rouge_items(pairs, generated), "rougeL_recall")
 
 
-#: relapse's model utility: the components a benchmark has (the retain set's three; TOFU's real-authors
-#: and world-facts sets are not read, see docs/metrics.md).
-MODEL_UTILITY_PARTS = ("tofu_prob_retain", "tofu_rouge_retain", "tofu_truth_ratio_retain")
+def tofu_rouge_retain(ev: Evaluator) -> dict[str, Any]:
+    """TOFU's retain ROUGE: ROUGE-L recall of the greedy answer to each retain question (zero-shot
+    prompt) against the answer, averaged (a model utility component, on a 0-1 scale)."""
+    name = "tofu_rouge_retain"
+    return _tofu_rouge(ev, name, _tofu_pairs(ev, RETAIN, name, variants=False), "tofu_retain")
+
+
+def _tofu_set(ev: Evaluator, measure: str, name: str) -> dict[str, Any]:
+    """``tofu_<measure>_<name>`` on utility QA set ``name``: ROUGE-L recall as on the retain set, or the
+    normalised probability or truth ratio (true_better) of each answer against its perturbed answers
+    (:func:`relapse.metrics.tofu.option_scores`), from one batched pass over answers and options."""
+    metric, pairs = f"tofu_{measure}_{name}", ev.benchmark.utility_qa.get(name)
+    if not pairs:
+        have = ", ".join(sorted(ev.benchmark.utility_qa)) or "none"
+        raise DataError(f"{metric} needs utility_{name}_qa.jsonl (this benchmark's utility QA sets: {have})")
+    if measure == "rouge":
+        return _tofu_rouge(ev, metric, pairs, f"tofu_utility_{name}")
+    texts = [(p.question, text) for p in pairs for text in (p.answer, *p.perturbed_answers)]
+    scores = iter(ev.answer_scores(f"tofu:utility:{name}", *zip(*texts, strict=True)))
+    nll, wrong = [], []
+    for pair in pairs:
+        nll.append(next(scores).nll)
+        wrong.append([next(scores).nll for _ in pair.perturbed_answers])
+    normalised, ratios = tofu.option_scores(nll, wrong)
+    if measure == "truth_ratio":
+        return _truth_ratio_result(metric, pairs, ratios, closer_to_1=False)
+    per_item = [
+        {"question": p.question, "answer": p.answer, "nll": x, "normalised_probability": float(v)}
+        for p, x, v in zip(pairs, nll, normalised, strict=True)
+    ]
+    raw = _mean(np.exp(-np.array(nll)))  # open-unlearning's ra_Q_A_Prob / wf_Q_A_Prob
+    return _tofu_mean_result(metric, per_item, "normalised_probability", probability=raw)
 
 
 def tofu_model_utility(ev: Evaluator) -> dict[str, Any]:
-    """TOFU's model utility on the retain set: the harmonic mean of its answer probability, ROUGE-L recall
-    and truth ratio (true_better) (higher: utility kept; one collapsed component sinks it)."""
-    components = {part: _FIXED[part](ev)["value"] for part in MODEL_UTILITY_PARTS}
+    """TOFU's model utility: the harmonic mean of the retain set's answer probability, ROUGE-L recall and
+    truth ratio (true_better), and of the same three on each utility QA set (normalised probability
+    there): nine values on TOFU, the retain three on a benchmark without utility sets. ``views`` names
+    each component with its value, and ``components`` counts them (higher: utility kept; one collapsed
+    component sinks it)."""
+    parts = tofu_utility_parts(sorted(ev.benchmark.utility_qa))
+    components = {part: metric_spec(part)(ev)["value"] for part in parts}
     info = metric_info("tofu_model_utility")
     return {
-        "value": tofu.harmonic_mean(list(components.values())),
+        "value": tofu.model_utility(list(components.values())),
         "higher_is_better": info.higher_is_better,
         "best": info.best,
-        "views": components,
+        "views": {"components": len(components), **components},
         "per_item": [],
     }
 
@@ -754,9 +791,13 @@ def metric_spec(name: str) -> Callable[[Evaluator], dict[str, Any]]:
     mink = mink_parameters(name)
     if mink:
         return _mink(*mink)
+    tofu_set = tofu_set_parameters(name)
+    if tofu_set:
+        return lambda ev: _tofu_set(ev, *tofu_set)
     raise ConfigError(
         f"unknown metric {name!r}; choose from groups {', '.join(GROUPS)} or names {', '.join(_FIXED)}, "
-        "mia_mink_K, mia_minkpp_K (K in 1..100)"
+        "mia_mink_K, mia_minkpp_K (K in 1..100), tofu_prob_S, tofu_rouge_S, tofu_truth_ratio_S (S a utility "
+        "QA set)"
     )
 
 

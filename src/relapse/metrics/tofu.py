@@ -177,6 +177,32 @@ def truth_ratio_true_better(ratios: Any) -> float:
     return float(np.mean(np.maximum(0.0, 1.0 - tr)))
 
 
+# general-knowledge sets: the answer against its options -------------------------------------------
+def option_scores(
+    correct_nll: Any, perturbed_nll: Sequence[Any], eps: float = OU_EPS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per item of a general-knowledge set (TOFU's real authors, world facts): the normalised probability
+    and the truth ratio of the **original** answer against its perturbed answers.
+
+    ``correct_nll`` holds each item's answer NLL (mean over its tokens), ``perturbed_nll[i]`` the NLLs of
+    item ``i``'s perturbed answers, as many as it has (the lists may differ in length). The normalised
+    probability is :func:`normalised_probability` (``p_answer / (p_answer + sum_k p_k + eps)``), the
+    truth ratio :func:`truth_ratio` with the answer itself on the correct side: these sets have no
+    paraphrase, and open-unlearning's ``ra_Truth_Ratio``/``wf_Truth_Ratio`` take the answer's
+    probability (``ra_Q_A_Prob``) as the correct one. Aggregate the ratios with
+    :func:`truth_ratio_true_better`.
+    """
+    correct = _as_array(correct_nll, "option_scores (correct)")
+    if len(perturbed_nll) != correct.size:
+        raise ValueError(f"option_scores: {len(perturbed_nll)} perturbed lists for {correct.size} items")
+    normalised, ratios = np.empty(correct.size), np.empty(correct.size)
+    for i, (answer, options) in enumerate(zip(correct, perturbed_nll, strict=True)):
+        row = _as_array(options, f"option_scores (perturbed answers of item {i + 1})")[None, :]
+        normalised[i] = normalised_probability([answer], row, eps)[0]
+        ratios[i] = truth_ratio([answer], row, eps)[0]
+    return normalised, ratios
+
+
 # forget quality: the two-sample Kolmogorov-Smirnov test --------------------------------------------
 def _ks_counts(a: np.ndarray, b: np.ndarray) -> int:
     """The KS statistic times lcm(n, m), as an exact integer: ``max |(n2/g) c1 - (n1/g) c2|`` over the
@@ -365,9 +391,11 @@ def model_utility(scores: Mapping[str, float] | Sequence[float] | np.ndarray) ->
 
     The components (``MODEL_UTILITY_COMPONENTS``) are the mean answer probability, mean ROUGE-L recall
     and :func:`truth_ratio_true_better` on the retain set, and the same three on real authors and world
-    facts with :func:`normalised_probability` in place of the probability. A harmonic mean, so one
-    collapsed ability (a 0) sinks the whole score. A mapping must name exactly those nine components;
-    a sequence is taken as given (any number of scores, for benchmarks with fewer sets).
+    facts with :func:`normalised_probability` in place of the probability (see :func:`option_scores`).
+    A harmonic mean, so one collapsed ability (a 0) sinks the whole score. A mapping must name exactly
+    those nine components; a sequence is taken as given (any number of scores, for benchmarks with
+    fewer sets: the engine's ``tofu_model_utility`` passes the retain set's three and three per utility
+    QA set the benchmark has).
     """
     if isinstance(scores, Mapping):
         missing = [name for name in MODEL_UTILITY_COMPONENTS if name not in scores]

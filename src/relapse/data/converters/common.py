@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relapse.data.benchmark import PLAIN_TEXT_SPLITS, SPLITS, Benchmark, QAPair, VerbMemItem, qa_variants
+from relapse.data.benchmark import (
+    PLAIN_TEXT_SPLITS,
+    SPLITS,
+    Benchmark,
+    QAPair,
+    VerbMemItem,
+    qa_variants,
+    utility_split,
+)
 from relapse.errors import DataError
 
 #: ``meta["format"]`` of every converted folder.
@@ -159,7 +167,11 @@ def relative_name(path: Path, root: Path) -> str:
 
 
 def _counts(benchmark: Benchmark) -> dict[str, int]:
-    return {name: len(getattr(benchmark, name)) for name in SPLITS}
+    counts = {name: len(getattr(benchmark, name)) for name in SPLITS}
+    counts.update(
+        {utility_split(name): len(benchmark.utility_qa[name]) for name in sorted(benchmark.utility_qa)}
+    )
+    return counts
 
 
 def finish(benchmark: Benchmark, files: dict[str, list[str]]) -> Benchmark:
@@ -168,7 +180,8 @@ def finish(benchmark: Benchmark, files: dict[str, list[str]]) -> Benchmark:
     Validation messages name the output files (``forget.jsonl``), which do not exist yet when converting,
     so the source files behind each split are appended to keep the message actionable.
     """
-    benchmark.meta["files"] = {name: files[name] for name in FILE_ORDER if name in files}
+    order = [*FILE_ORDER, *(utility_split(name) for name in sorted(benchmark.utility_qa))]
+    benchmark.meta["files"] = {name: files[name] for name in order if name in files}
     benchmark.meta["counts"] = _counts(benchmark)
     if not benchmark.forget:
         sources = " + ".join(files.get("forget", [])) or "the forget source"

@@ -4,17 +4,21 @@ TOFU is QA only, so each pair is also a text; which files become the retain, hol
 and why the ``*_perturbed`` files are not a holdout, is recorded in ``meta["notes"]``. The answer variants
 TOFU's truth ratio needs (``paraphrased_answer``, ``perturbed_answer``) are kept: from the QA records
 themselves when they hold them, else from ``forgetNN_perturbed`` and ``retain_perturbed`` by question.
+TOFU's general-knowledge sets, ``real_authors`` and ``world_facts``, are both general text and utility QA
+sets (their questions with perturbed answers, from ``real_authors_perturbed`` and
+``world_facts_perturbed`` when the plain files lack them), for TOFU's nine-value model utility.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from relapse.data.benchmark import Benchmark, QAPair
+from relapse.data.benchmark import Benchmark, QAPair, utility_split
 from relapse.data.converters.common import (
     FORMAT,
     JSON_EXTS,
@@ -30,23 +34,41 @@ __all__ = ["from_tofu"]
 
 TOFU_FORGET_RE = re.compile(r"^forget([0-9]{2})$")
 
+#: TOFU's general-knowledge sets, in the order their texts join general.jsonl.
+TOFU_UTILITY_SETS = ("real_authors", "world_facts")
+
 
 def _tofu_text(pair: QAPair) -> str:
     return f"{pair.question} {pair.answer}"
 
 
+def _has_variants(pair: QAPair) -> bool:
+    return pair.has_variants
+
+
+def _has_perturbed(pair: QAPair) -> bool:
+    return bool(pair.perturbed_answers)
+
+
 def _attach_variants(
-    pairs: list[QAPair], root: Path, stem: str, files: list[str], notes: list[str], split: str
+    pairs: list[QAPair],
+    root: Path,
+    stem: str,
+    files: list[str],
+    notes: list[str],
+    split: str,
+    ready: Callable[[QAPair], bool] = _has_variants,
 ) -> list[QAPair]:
     """``pairs`` with the paraphrased and perturbed answers of ``stem`` (TOFU's ``forget10_perturbed``,
-    ``retain_perturbed``) attached by question, for the pairs that lack them; unchanged without the file."""
+    ``retain_perturbed``, ``real_authors_perturbed``) attached by question, for the pairs that are not
+    ``ready`` (the default: lack either) from records that are; unchanged without the file."""
     path = find_file(root, stem, JSON_EXTS)
-    if path is None or all(pair.has_variants for pair in pairs):
+    if path is None or all(ready(pair) for pair in pairs):
         return pairs
-    variants = {qa.question.strip(): qa for qa in qa_of(read_records(path)) if qa.has_variants}
+    variants = {qa.question.strip(): qa for qa in qa_of(read_records(path)) if ready(qa)}
     out, matched = [], 0
     for pair in pairs:
-        found = None if pair.has_variants else variants.get(pair.question.strip())
+        found = None if ready(pair) else variants.get(pair.question.strip())
         if found is not None:
             pair = replace(
                 pair, paraphrased_answer=found.paraphrased_answer, perturbed_answers=found.perturbed_answers
@@ -70,7 +92,9 @@ def from_tofu(path: str | os.PathLike[str], forget: str = "forget10") -> Benchma
     ``holdoutNN`` when present (OpenUnlearning's fictitious authors never trained on, which its TOFU release
     adds for membership inference); else it stays empty and PrivLeak/MIA need a holdout.jsonl from the
     user. The ``*_perturbed`` files are not used as holdout: they ask about the same, trained-on authors.
-    ``real_authors`` and ``world_facts`` (TOFU's utility sets) become the general texts for perplexity.
+    ``real_authors`` and ``world_facts`` (TOFU's utility sets) become the general texts for perplexity and,
+    their questions with perturbed answers, the utility QA sets of the same names (see
+    :func:`_utility_set`).
     """
     root = Path(path)
     require_folder(root, "TOFU")
@@ -133,11 +157,14 @@ def from_tofu(path: str | os.PathLike[str], forget: str = "forget10") -> Benchma
         )
 
     general: list[str] = []
-    for name in ("real_authors", "world_facts"):
-        found = find_file(root, name, JSON_EXTS)
-        if found is not None:
-            general.extend(_tofu_text(qa) for qa in qa_of(read_records(found)))
-            files.setdefault("general", []).append(found.name)
+    utility_qa: dict[str, list[QAPair]] = {}
+    for name in TOFU_UTILITY_SETS:
+        pairs = _utility_set(root, name, files, notes)
+        if pairs is not None:
+            general.extend(_tofu_text(qa) for qa in pairs)
+            with_options = [qa for qa in pairs if qa.perturbed_answers]
+            if with_options:
+                utility_qa[name] = with_options
     if general:
         notes.append("general texts (for perplexity) are real_authors and world_facts, as question answer")
     else:
@@ -162,6 +189,40 @@ def from_tofu(path: str | os.PathLike[str], forget: str = "forget10") -> Benchma
         retain_qa=retain_qa,
         general=general,
         holdout_qa=holdout_qa,
+        utility_qa=utility_qa,
         meta=meta,
     )
     return finish(benchmark, files)
+
+
+def _utility_set(root: Path, name: str, files: dict[str, list[str]], notes: list[str]) -> list[QAPair] | None:
+    """The QA pairs of TOFU's general-knowledge set ``name`` (``real_authors``, ``world_facts``), or None
+    without its files.
+
+    They come from ``{name}.json``, else from ``{name}_perturbed.json``; perturbed answers missing from
+    the plain file are attached from the perturbed one by question. Every pair is general text; those with
+    perturbed answers form the utility QA set (``files`` and ``notes`` say which files gave what).
+    """
+    plain = find_file(root, name, JSON_EXTS)
+    source = plain or find_file(root, f"{name}_perturbed", JSON_EXTS)
+    if source is None:
+        return None
+    pairs = qa_of(read_records(source))
+    files.setdefault("general", []).append(source.name)
+    split = utility_split(name)
+    sources = [source.name]
+    if plain is not None:
+        pairs = _attach_variants(pairs, root, f"{name}_perturbed", sources, notes, split, _has_perturbed)
+    with_options = sum(1 for qa in pairs if qa.perturbed_answers)
+    if with_options:
+        files[split] = sources
+        notes.append(
+            f"{split}: the {with_options} of {len(pairs)} {name} questions with perturbed answers "
+            "(TOFU's model utility scores them against their options)"
+        )
+    else:
+        notes.append(
+            f"{source.name} has no perturbed answers (nor a {name}_perturbed.json that gives them): no "
+            f"{split}.jsonl, so tofu_model_utility leaves {name} out"
+        )
+    return pairs
