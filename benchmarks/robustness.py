@@ -56,12 +56,12 @@ ROWS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_base(data: Path, out: Path, threads: int | None) -> Path:
+def build_base(data: Path, out: Path, threads: int | None, seed: int = 0) -> Path:
     """The tiny base model (trained on the retain people) stored on the 4-bit grid."""
     base = train_model(
         data,
         None,
-        TrainConfig(on="retain", eval_every=25, seed=0),
+        TrainConfig(on="retain", eval_every=25, seed=seed),
         run=RunContext(threads=threads, progress=False),
     )
     path, _, _ = materialize(
@@ -70,10 +70,10 @@ def build_base(data: Path, out: Path, threads: int | None) -> Path:
     return Path(path)
 
 
-def experiment(base: Path) -> dict[str, Any]:
+def experiment(base: Path, seed: int = 0) -> dict[str, Any]:
     return {
         "name": "robustness-tiny",
-        "seed": 0,
+        "seed": seed,
         "device": "cpu",
         "data": {"synth": {"people": 60, "facts_per_person": 3, "forget_frac": 0.2}},
         "train": {"base": str(base), "lr": 3e-4, "max_steps": 300, "warmup_steps": 0, "eval_every": 10},
@@ -220,6 +220,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--jobs", type=int, default=None, help="processes (default: relapse's, see --jobs)")
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the benchmark, the base model and the experiment (default 0; the committed table's)",
+    )
+    parser.add_argument(
         "--table-only", action="store_true", help="run nothing: rebuild the table from OUT's finished run"
     )
     args = parser.parse_args()
@@ -237,11 +243,11 @@ def main() -> None:
         atomic_write_text(args.out / "table.md", markdown(summary))
         print(markdown(summary))
         return
-    spec = experiment(Path("placeholder"))
+    spec = experiment(Path("placeholder"), args.seed)
     data = args.out / "bench"
     synth_benchmark(seed=spec["seed"], **spec["data"]["synth"]).save(data)
-    base = build_base(data, args.out / f"base-{BASE_GRID}", args.threads)
-    spec = experiment(base)
+    base = build_base(data, args.out / f"base-{BASE_GRID}", args.threads, args.seed)
+    spec = experiment(base, args.seed)
     spec["data"] = {"path": str(data)}
     result = run_experiment(
         parse_experiment(spec, "robustness-tiny"),
