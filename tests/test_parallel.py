@@ -10,8 +10,9 @@ gradient changes sign between the two runs can end up to 2 x steps x lr apart: t
 is held to :data:`MAX_ABS` (4 steps at lr 1e-4: measured 5.1e-4, in an embedding row; 2,141 of 3.6M
 elements differ by more than 1e-4), and the whole difference to :data:`MAX_RATIO` of the distance the
 single run moved (measured 0.014). FSDP over 2 processes measured the same (5.1e-4, 0.014): it splits
-the batch the same way. A killed run resumed ends bit-identical to an uninterrupted one of the same
-strategy, DDP and FSDP alike.
+the batch the same way; so do SURE, RMU and the robust objective under FSDP2 (their test says what
+each measured). A killed run resumed ends bit-identical to an uninterrupted one of the same strategy,
+DDP and FSDP alike, with SURE's mask too.
 """
 
 from __future__ import annotations
@@ -69,7 +70,14 @@ def test_ships_the_accelerate_configs():
 
 @pytest.mark.parametrize(
     ("strategy", "option"),
-    [("fsdp", "--sure-top"), ("fsdp", "--robust-to"), ("fsdp", "rmu"), ("deepspeed", "--sam-rho")],
+    [
+        ("fsdp", "--sure-per-step"),
+        ("fsdp", "--lora-r"),
+        ("deepspeed", "--sure-top"),
+        ("deepspeed", "--robust-to"),
+        ("deepspeed", "rmu"),
+        ("deepspeed", "--sam-rho"),
+    ],
 )
 def test_options_that_need_whole_weights_are_refused_under_sharding(strategy, option):
     with pytest.raises(ConfigError, match=f"{option} cannot run under {strategy.upper()}"):
@@ -77,12 +85,21 @@ def test_options_that_need_whole_weights_are_refused_under_sharding(strategy, op
     refuse_unsupported("ddp", {option: True})  # data parallel holds whole weights: all of them work
 
 
-def test_unlearn_refuses_sure_under_fsdp_before_any_work(monkeypatch, tmp_path):
+def test_sure_robust_and_rmu_run_under_fsdp2_but_not_fsdp1():
+    """FSDP2 splits each weight by rows (DTensors), which SURE's row masks, the robust objective's
+    rounding of the gathered weights and RMU's hooks work with; FSDP1's flat shards are refused."""
+    used = {"--sure-top": True, "--robust-to": True, "rmu": True}
+    refuse_unsupported("fsdp", used, fsdp_version=2)
+    for option in used:
+        with pytest.raises(ConfigError, match=f"{option} cannot run under FSDP1"):
+            refuse_unsupported("fsdp", {option: True}, fsdp_version=1)
+
+
+def test_unlearn_refuses_sure_per_step_under_fsdp_before_any_work(monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="--sure-top cannot run under FSDP"):
-        unlearn_model(
-            tmp_path / "no-model", tmp_path / "no-data", tmp_path / "out", UnlearnConfig(sure_top=0.5)
-        )
+    config = UnlearnConfig(sure_top=0.5, sure_per_step=True)
+    with pytest.raises(ConfigError, match="--sure-per-step cannot run under FSDP"):
+        unlearn_model(tmp_path / "no-model", tmp_path / "no-data", tmp_path / "out", config)
 
 
 def _free_port() -> int:
@@ -151,7 +168,7 @@ def _options(method: str, steps: int, *extra: str) -> list[str]:
 
 
 def _single(trained_small, small_benchmark_dir, out: Path, method: str, steps: int, **extra):
-    config = UnlearnConfig(method=method, lr=1e-4, max_steps=steps, eval_every=100, **extra)
+    config = UnlearnConfig(**{"method": method, "lr": 1e-4, "max_steps": steps, "eval_every": 100, **extra})
     return unlearn_model(trained_small.path, small_benchmark_dir, out, config, run=RunContext(progress=False))
 
 
@@ -285,15 +302,22 @@ def test_ddp_keeps_every_method_option_working(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("config_file", "strategy"), [("ddp-cpu.yaml", "ddp"), ("fsdp-cpu.yaml", "fsdp")], ids=["ddp", "fsdp"]
+    ("config_file", "strategy", "extra"),
+    [
+        ("ddp-cpu.yaml", "ddp", []),
+        ("fsdp-cpu.yaml", "fsdp", []),
+        ("fsdp-cpu.yaml", "fsdp", ["--sure-top", "0.5", "--sure-granularity", "neuron"]),
+    ],
+    ids=["ddp", "fsdp", "fsdp-sure"],
 )
-def test_killed_run_resumes(trained_small, small_benchmark_dir, tmp_path, config_file, strategy):
+def test_killed_run_resumes(trained_small, small_benchmark_dir, tmp_path, config_file, strategy, extra):
     """Kill both processes (SIGKILL to every process of the launcher's tree) once a checkpoint is on
     disk, launch again: the run resumes from the checkpoint and ends where an uninterrupted 2-process run
-    of the same strategy ends (under FSDP each process takes its shard of the gathered checkpoint)."""
+    of the same strategy ends (under FSDP each process takes its shard of the gathered checkpoint; with
+    SURE's mask, recomputed on resuming, each its frozen rows)."""
     pytest.importorskip("accelerate")
     psutil = pytest.importorskip("psutil")
-    steps, options = 10, [*_options("npo+gdr", 10), "--checkpoint-every", "2"]
+    steps, options = 10, [*_options("npo+gdr", 10, *extra), "--checkpoint-every", "2"]
     straight = _launch(config_file, trained_small.path, small_benchmark_dir, tmp_path / "straight", *options)
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "killed"
@@ -322,6 +346,8 @@ def test_killed_run_resumes(trained_small, small_benchmark_dir, tmp_path, config
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = json.loads((out / "unlearn.json").read_text())
     assert record["resumed_from_step"] == checkpoint["step"] and record["steps"] == steps
+    if extra:
+        assert record["sure"]["frozen_elements_identical"]
     apart, _ = _compare(tmp_path / "straight", out, trained_small.path)
     print(f"\n{strategy} killed at step {checkpoint['step']} and resumed: max |w - w_straight| {apart:.3g}")
     assert apart <= 1e-6  # the same processes, the same order of operations: equal up to rounding
@@ -380,6 +406,81 @@ def test_fsdp_keeps_sam_bfloat16_emulation_and_accumulation_working(
     # The same bounds as DDP's bfloat16-emulated run (a near tie can round either way); measured 4.9e-4
     # and 0.020.
     assert moved > 0 and apart < 2e-2 and ratio < 0.5
+
+
+@pytest.mark.parametrize(
+    ("method", "extra_cli", "extra_config"),
+    [
+        # SURE's row masks (neuron granularity), mapped to each process's rows of every weight.
+        (
+            "npo+gdr",
+            ["--sure-top", "0.5", "--sure-granularity", "neuron"],
+            {"sure_top": 0.5, "sure_granularity": "neuron"},
+        ),
+        ("rmu", [], {}),  # RMU's hidden-state hooks on the sharded decoder layers
+        # The default grids (RTN per channel and in groups of 64 and 128, bitsandbytes NF4 and FP4 where
+        # installed), one per step (5 steps: each grid once), rounding the gathered weights inside each
+        # layer's forward; and the margin term, at lr 1e-3 so that weights move past a tenth of RTN's
+        # step (5.6e-3 at least here) and it acts.
+        (
+            "npo+gdr",
+            ["--robust-to", "default", "--robust-margin", "1", "--lr", "1e-3", "--steps", "5"],
+            {"robust_to": ["default"], "robust_margin": 1.0, "lr": 1e-3, "max_steps": 5},
+        ),
+    ],
+    ids=["sure-neuron", "rmu", "robust-default-margin"],
+)
+def test_fsdp_runs_sure_rmu_and_the_robust_objective(
+    trained_small, small_benchmark_dir, tmp_path, method, extra_cli, extra_config
+):
+    """SURE, RMU and the robust objective under FSDP2 over 2 CPU processes, against one process: the
+    same 4 steps end within the DDP runs' bounds. Measured max |w2 - w1| and apart / moved: SURE by rows
+    3.8e-4 and 0.014; RMU 7.5e-4 and 0.0999 (as under DDP); the robust objective on the default grids
+    with its margin, 5 steps at lr 1e-3 (at 1e-4 no weight moves a tenth of RTN's step, and the margin
+    would not act), 5.1e-3 and 0.032, which DDP with the same settings also measures (8.0e-5 from
+    FSDP)."""
+    pytest.importorskip("accelerate")
+    started = time.perf_counter()
+    single = _single(trained_small, small_benchmark_dir, tmp_path / "single", method, 4, **extra_config)
+    single_s = time.perf_counter() - started
+    started = time.perf_counter()
+    run = _launch(
+        "fsdp-cpu.yaml",
+        trained_small.path,
+        small_benchmark_dir,
+        tmp_path / "fsdp",
+        *_options(method, 4, *extra_cli),
+    )
+    multi_s = time.perf_counter() - started
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "fsdp" / "unlearn.json").read_text())
+    assert record["distributed"]["strategy"] == "fsdp" and record["distributed"]["sharded_by"] == "torch"
+    # The loss (float, rounded and margin terms alike) as one process computes it: measured within 0.5%.
+    assert record["loss_curve"] == pytest.approx(single.record["loss_curve"], rel=1e-2)
+    if extra_config.get("sure_top"):
+        # The mask is chosen from gradients: a near tie could flip a row. It is the same mask, and every
+        # element it froze is bit-identical to the start in the gathered weights.
+        assert record["sure"]["frozen_elements_identical"]
+        assert record["sure"]["selected"] == single.record["sure"]["selected"]
+        assert record["sure"]["trainable_elements"] == single.record["sure"]["trainable_elements"]
+    if extra_config.get("robust_to"):
+        assert record["robust"] == single.record["robust"]
+    if method == "rmu":
+        # Only the MLPs of layers l-2..l move, in the sharded run too.
+        moved = {k for k, v in record["weight_change"]["per_tensor"].items() if v > 0}
+        assert moved and all(".mlp." in k for k in moved)
+        assert moved == {k for k, v in single.record["weight_change"]["per_tensor"].items() if v > 0}
+    apart, moved_by = _compare(single.path, tmp_path / "fsdp", trained_small.path)
+    ratio = _ratio(single.path, tmp_path / "fsdp", trained_small.path)
+    print(
+        f"\nfsdp {method} {' '.join(extra_cli)}: max |w2 - w1| {apart:.3g} (moved up to {moved_by:.3g}), "
+        f"apart / moved {ratio:.3g}; 1 process {single_s:.1f} s, 2 processes {multi_s:.1f} s",
+        end="",
+    )
+    # RMU: the same looser ratio as under DDP (its loss weights each process's tokens apart).
+    ratio_bound = 0.2 if method == "rmu" else MAX_RATIO
+    lr_scale = extra_config.get("lr", 1e-4) / 1e-4  # AdamW's steps, and so the bound, scale with lr
+    assert moved_by > 0 and 0 < apart < MAX_ABS * lr_scale and ratio < ratio_bound
 
 
 #: Run by ``torchrun`` in 2 processes (FSDP) and in one (plain): 3 clipped AdamW steps of a tiny Llama

@@ -5,7 +5,8 @@ a fixed random unit vector ``u`` (drawn from the run's seed) scaled by ``c`` (``
 tokens the regulariser ``act`` keeps it equal to the starting model's. Only the MLP weights of layers
 ``l-2 .. l`` move, all three projections; every other parameter stays bit-identical. (WMDP's reference
 setting moves the down projection alone of layers 5-7 when steering layer 7; relapse moves the whole
-MLP of each layer, a choice of its own.) The forward pass stops at layer ``l``: nothing above it is computed.
+MLP of each layer, a choice of its own.) The forward pass stops at layer ``l``: nothing above it is
+computed, except under DDP and FSDP, whose wrappers need each forward to finish (:func:`layer_output`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from relapse.methods.component import (
     model_inputs,
     precompute_per_example,
 )
+from relapse.methods.robust import GatheredRoundedView, RoundedView
 from relapse.models.parts import decoder_layers, mlp_weights
 
 #: How many layers below the steered one (inclusive of it) RMU updates.
@@ -47,13 +49,15 @@ def steered_layer(model: torch.nn.Module, layer: int | None) -> int:
 def layer_output(model: torch.nn.Module, batch: Batch, layer: int, context: TermContext) -> torch.Tensor:
     """The hidden states ``[B, T, H]`` leaving decoder layer ``layer``.
 
-    The forward pass stops there, except through DDP (several processes): DDP prepares its gradient
-    averaging after the wrapped forward returns, so a forward cut short by an exception would leave each
-    process training on its own gradient. There the layers above run too; their weights are frozen, so
-    DDP leaves them out and the gradient is the same.
+    The forward pass stops there, except through DDP or FSDP (several processes): DDP prepares its
+    gradient averaging after the wrapped forward returns, so a forward cut short by an exception would
+    leave each process training on its own gradient; under FSDP2 the root's post-forward hooks would
+    never run (cut short, the 4-step test happened to end the same, but on state FSDP does not promise).
+    There the layers above run too; their weights are frozen and the loss does not reach them, so the
+    gradient is the same.
     """
     captured: dict[str, torch.Tensor] = {}
-    stop = not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    stop = not _runs_to_the_end(model)
 
     def capture(module, args, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output
@@ -69,6 +73,20 @@ def layer_output(model: torch.nn.Module, batch: Batch, layer: int, context: Term
     finally:
         handle.remove()
     return captured["hidden"]
+
+
+def _runs_to_the_end(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the model a rounded view of the robust objective runs) is wrapped for
+    several processes in a way that needs its forward to finish: DDP, or FSDP2's sharded root."""
+    wrappers: tuple[type, ...] = (torch.nn.parallel.DistributedDataParallel,)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        wrappers += (FSDPModule,)
+    except ImportError:  # a torch built without distributed support
+        pass
+    inner = getattr(model, "model", None) if isinstance(model, (RoundedView, GatheredRoundedView)) else None
+    return isinstance(model, wrappers) or isinstance(inner, wrappers)
 
 
 def _counted(batch: Batch) -> torch.Tensor:

@@ -16,6 +16,14 @@ Grids are attack names whose attack rounds weights (``rtn-w4-ch``, ``rtn-w4-g64`
 and 128, bitsandbytes NF4 and FP4 when bitsandbytes is installed, and the grid the starting model's
 weights were stored on when its provenance names one (a model fetched from a GGUF file, and everything
 trained or unlearned from it). The rounded weights are the attacks' own: the decoder's linear layers.
+
+Under FSDP2 (each weight split by rows over the processes; :meth:`RobustObjective.bind`) the rounded
+view rounds each linear layer's gathered weight inside its forward, while FSDP holds it whole, so every
+grid (block formats such as NF4 included) rounds exactly the tensor one process would; the straight-
+through gradient reaches the gathered weight and FSDP averages and splits it like any other. The cost:
+the rounded copies are kept for the backward pass, one full copy of the decoder's linear weights per
+process while a step runs. The margin term is computed on each process's rows and averaged over the
+moved weights of all processes.
 """
 
 from __future__ import annotations
@@ -89,6 +97,47 @@ class RoundedView(torch.nn.Module):
         return torch.func.functional_call(self.model, self.weights, args, kwargs)
 
 
+class GatheredRoundedView(torch.nn.Module):
+    """``model``, sharded by FSDP2, run with each named linear weight replaced by its straight-through
+    rounded copy. The rounding happens inside the linear layer's forward, where FSDP has gathered the
+    weight whole (replacing the sharded parameters from outside, as :class:`RoundedView` does, would be
+    undone by FSDP's own gathering); hooks on the model's modules still fire."""
+
+    def __init__(self, model: torch.nn.Module, attack: Any, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.attack = attack
+        self.names = names
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        modules = [(name, self.model.get_submodule(name.rsplit(".", 1)[0])) for name in self.names]
+        try:
+            for name, module in modules:
+                module.forward = _rounded_linear(module, self.attack, name)
+            return self.model(*args, **kwargs)
+        finally:
+            for _, module in modules:
+                module.__dict__.pop("forward", None)
+
+
+def _rounded_linear(module: torch.nn.Linear, attack: Any, name: str) -> Callable[..., torch.Tensor]:
+    """A forward for ``module`` on its (gathered) weight as ``attack`` rounds it, straight-through."""
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        weight = module.weight
+        if hasattr(weight, "to_local"):
+            raise RuntimeError(f"{name} is still sharded inside its layer's forward")
+        with torch.no_grad():
+            rounded = attack.round_weight(weight.detach(), name)
+        return torch.nn.functional.linear(inputs, weight + (rounded - weight).detach(), module.bias)
+
+    return forward
+
+
 class RobustObjective:
     """Builds, for a step, the view of the model through that step's grid."""
 
@@ -123,6 +172,32 @@ class RobustObjective:
         parameters = dict(model.named_parameters())
         self._start = {name: parameters[name].detach().clone() for name in self.names} if margin else None
         self._cells: dict[Any, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        #: Set by :meth:`bind` under FSDP2: the sharded weights, the rows each holds, the process group.
+        self._sharded: dict[str, torch.nn.Parameter] | None = None
+        self._spans: dict[str, slice | None] = {}
+        self._group: Any = None
+
+    def bind(self, model: torch.nn.Module, group: Any) -> None:
+        """From now on act on ``model`` as sharded by FSDP2 (each weight a DTensor split by rows over the
+        processes of ``group``, a :class:`~relapse.training.parallel.Distributed`): the view rounds the
+        gathered weights inside each linear layer's forward, the margin term reads this process's rows."""
+        from relapse.training.parallel import local_rows
+
+        parameters = dict(model.named_parameters())
+        self._sharded = {name: parameters[name] for name in self.names}
+        self._spans = {name: local_rows(weight) for name, weight in self._sharded.items()}
+        self._group = group
+        if self._start is not None:  # keep this process's rows only (the grids round row by row)
+            if self._cells:
+                raise RuntimeError("bind the robust objective before its margin term first runs")
+            self._start = {
+                name: start if self._spans[name] is None else start[self._spans[name]].clone()
+                for name, start in self._start.items()
+            }
+        for name in self.names:
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            if not (isinstance(module, torch.nn.Linear) and name.endswith(".weight")):
+                raise ConfigError(f"--robust-to under FSDP rounds nn.Linear weights only, not {name}")
 
     def margin_loss(self, model: torch.nn.Module, step: int) -> torch.Tensor | None:
         """The margin term for ``grid_at(step)``: for every rounded weight that unlearning has moved by
@@ -145,14 +220,19 @@ class RobustObjective:
         if scheme not in self._cells:  # the target's cells on this grid: step sizes and centres
             self._cells[scheme] = {}
             for name, start in self._start.items():
+                if start.shape[0] == 0:  # a process holding no rows of this weight (more than rows)
+                    self._cells[scheme][name] = (start, start)
+                    continue
                 grid = quantize(start, scheme, name)
                 self._cells[scheme][name] = (grid.step().to(start.dtype), grid.dequantize().to(start.dtype))
-        parameters = dict(unwrapped(model).named_parameters())
-        total = torch.zeros((), device=next(model.parameters()).device)
+        parameters = self._sharded if self._sharded is not None else dict(unwrapped(model).named_parameters())
+        total = torch.zeros((), device=self._start[self.names[0]].device)
         moved_count = 0
         for name in self.names:
             weight, start = parameters[name], self._start[name]
             step_size, centre = self._cells[scheme][name]
+            if self._spans.get(name) is not None:  # its rows here (the gradient reaches the shard)
+                weight = weight.to_local()
             with torch.no_grad():
                 direction = torch.sign(weight - start)
                 moved = (weight - start).abs() > MOVED * step_size
@@ -161,7 +241,15 @@ class RobustObjective:
             reach = direction * (weight - centre) / step_size  # in steps, past the cell's centre
             total = total + torch.relu(0.5 + BEYOND_EDGE - reach)[moved].sum()
             moved_count += int(moved.sum())
-        return total / max(moved_count, 1)
+        if self._group is None:
+            return total / max(moved_count, 1)
+        # Sharded: the mean over the moved weights of every process. Each process's gradient is that of
+        # its own rows (not averaged by FSDP: it reaches the shard directly); the value is the whole
+        # term's in every process, so the loss the loop averages over the processes is the same.
+        count = max(self._group.sum(moved_count), 1)
+        whole = self._group.sum(float(total.detach())) / count
+        local = total / count
+        return local + (whole - local.detach())
 
     def grid_at(self, step: int) -> str:
         return self.grids[step % len(self.grids)]
@@ -169,6 +257,8 @@ class RobustObjective:
     def view(self, model: torch.nn.Module, step: int) -> RoundedView:
         """The model as ``grid_at(step)`` rounds it, with straight-through gradients."""
         attack = self.attacks[step % len(self.attacks)]
+        if self._sharded is not None:
+            return GatheredRoundedView(model, attack, self.names)
         model = unwrapped(model)
         parameters = dict(model.named_parameters())
         weights = {}

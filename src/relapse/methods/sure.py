@@ -12,6 +12,11 @@ clipping, and their values are restored after every optimiser step. After traini
 :meth:`SaliencyMask.verify` checks, by hash, that every frozen element is bit-identical to the start.
 The mask is computed once at the start by default; ``per_step`` recomputes it before every step on that
 step's forget batch. Saliencies, masks and the saved frozen values live on the model's device.
+
+Under FSDP2 (each weight split by rows over the processes) the mask is still computed before sharding,
+on the whole model, identically in every process (a check compares it with the main process's); once
+the model is sharded :meth:`SaliencyMask.bind` points it at the sharded weights, and each process zeroes
+and restores the frozen rows it holds. The end check reads the gathered weights.
 """
 
 from __future__ import annotations
@@ -117,12 +122,14 @@ class SaliencyMask:
     per_step: bool = False
     refreshes: int = 0
     _params: dict[str, torch.nn.Parameter] = field(default_factory=dict, repr=False)
+    #: The rows of each weight this process holds (under FSDP2; absent: all of them).
+    _spans: dict[str, slice] = field(default_factory=dict, repr=False)
     _frozen_values: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _start_digests: dict[str, str] = field(default_factory=dict, repr=False)
 
     def attach(self, model: torch.nn.Module) -> None:
         """Freeze everything not selected and remember the frozen values (call before training)."""
-        self._params = dict(model.named_parameters())
+        self._params, self._spans = dict(model.named_parameters()), {}
         missing = set(self.keep) - set(self._params)
         if missing:
             raise ConfigError(f"SURE mask names weights the model lacks: {sorted(missing)[:3]}")
@@ -133,6 +140,28 @@ class SaliencyMask:
         self._start_digests = {name: _digest(self._frozen_part(name)) for name in self._params}
         self._snapshot()
 
+    def bind(self, model: torch.nn.Module, group: Any) -> None:
+        """Point the mask at the weights of ``model`` once it is sharded by FSDP2 (each weight a DTensor
+        split by rows): each process then zeroes the gradients of, and restores, the frozen rows it
+        holds. ``group`` (:class:`~relapse.training.parallel.Distributed`) checks first that every
+        process chose the main process's mask (each computed it on the whole model before sharding)."""
+        from relapse.training.parallel import local_rows
+
+        mine = _digest(torch.cat([self.keep[name].reshape(-1) for name in self.keep]))
+        if not group.all_agree(mine == group.from_main(mine)):
+            raise RuntimeError("SURE's mask differs between processes (a near tie in saliency)")
+        params = dict(model.named_parameters())
+        missing = set(self._params) - set(params)
+        if missing:
+            raise RuntimeError(f"sharding renamed weights SURE masks: {sorted(missing)[:3]}")
+        self._params = {name: params[name] for name in self._params}
+        self._spans = {}
+        for name in self.keep:
+            span = local_rows(self._params[name])
+            if span is not None:
+                self._spans[name] = span
+        self._snapshot()
+
     def refresh(self, model: torch.nn.Module, forget_loss, batch) -> None:
         """Per-step mode: recompute saliency on ``batch`` at the current weights and select anew."""
         self.saliency = gradient_saliency(model, forget_loss, [batch], self.granularity)
@@ -140,10 +169,20 @@ class SaliencyMask:
         self.refreshes += 1
         self._snapshot()
 
-    def _rows(self, name: str) -> torch.Tensor:
+    def _full_rows(self, name: str) -> torch.Tensor:
         """The keep mask of a candidate as one bool per output row."""
         keep = self.keep[name]
         return keep.expand(self._params[name].shape[0]) if keep.dim() == 0 else keep
+
+    def _rows(self, name: str) -> torch.Tensor:
+        """The keep mask of the output rows this process holds (all of them unless sharded)."""
+        rows = self._full_rows(name)
+        span = self._spans.get(name)
+        return rows if span is None else rows[span]
+
+    def _data(self, name: str) -> torch.Tensor:
+        """The weight's values this process holds (a view: writing to it writes the weight)."""
+        return _local(self._params[name].detach())
 
     def _snapshot(self) -> None:
         self._frozen_values = {}
@@ -152,33 +191,38 @@ class SaliencyMask:
                 p = self._params[name]
                 rows = self._rows(name)
                 if p.requires_grad and not bool(rows.all()):
-                    self._frozen_values[name] = p[~rows].clone()
+                    self._frozen_values[name] = self._data(name)[~rows].clone()
 
     def _frozen_part(self, name: str) -> torch.Tensor:
         p = self._params[name].detach()
         if name not in self.keep:
             return p
-        return p[~self._rows(name)]
+        return p[~self._full_rows(name)]
 
     def after_backward(self) -> None:
         """Zero the gradients of frozen rows, so that clipping and the optimiser never see them."""
         for name in self._frozen_values:
             grad = self._params[name].grad
             if grad is not None:
-                grad[~self._rows(name)] = 0
+                _local(grad)[~self._rows(name)] = 0
 
     def after_step(self) -> None:
         """Put frozen rows back to their values before the step (undoes weight decay and momentum)."""
         with torch.no_grad():
             for name, values in self._frozen_values.items():
-                self._params[name][~self._rows(name)] = values
+                self._data(name)[~self._rows(name)] = values
 
-    def verify(self) -> dict[str, Any]:
+    def verify(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
         """Check, by hash, that every element frozen from the start is bit-identical to the start.
 
+        ``model``: the trained model as a plain module (after a sharded run, the one holding the gathered
+        weights), which the check then reads; by default the weights the mask was attached to.
         A per-step mask has no fixed frozen set; there each step restores the rows masked for it, and
         the non-candidates (embeddings, LM head, norms) are what is checked.
         """
+        if model is not None:
+            params = dict(model.named_parameters())
+            self._params, self._spans = {name: params[name] for name in self._params}, {}
         names = [n for n in self._params if n not in self.keep] if self.per_step else list(self._params)
         changed = [n for n in names if _digest(self._frozen_part(n)) != self._start_digests[n]]
         return {
@@ -194,7 +238,7 @@ class SaliencyMask:
         selected = []
         for name in self.keep:
             p = self._params[name]
-            rows = int(self._rows(name).sum())
+            rows = int(self._full_rows(name).sum())
             trainable += rows * (p.numel() // p.shape[0])
             if self.granularity == "module" and rows:
                 selected.append({"name": name, "saliency": float(self.saliency[name])})
@@ -211,6 +255,11 @@ class SaliencyMask:
             "total_elements": total,
             "trainable_share": trainable / total if total else 0.0,
         }
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (FSDP2 holds weights and gradients as DTensors)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def build_mask(

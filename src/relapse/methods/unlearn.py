@@ -53,7 +53,12 @@ from relapse.training.loop import (
     save_run,
     to_device,
 )
-from relapse.training.parallel import refuse_unsupported, requested_strategy, world_size
+from relapse.training.parallel import (
+    refuse_unsupported,
+    requested_fsdp_version,
+    requested_strategy,
+    world_size,
+)
 
 RECORD_NAME = "unlearn.json"
 UNLEARN_VERSION = 1
@@ -398,6 +403,7 @@ def unlearn_model(
         requested_strategy(),
         {
             "--sure-top": config.sure_top is not None,
+            "--sure-per-step": config.sure_per_step,
             "--robust-to": config.robust_to is not None,
             "rmu": spec.forget == "rmu",
             "--lora-r": config.lora_r is not None,
@@ -405,6 +411,7 @@ def unlearn_model(
             "--grad-accum": config.grad_accum > 1,
             "bfloat16-emulated": config.weights == BFLOAT16_EMULATED,
         },
+        fsdp_version=requested_fsdp_version(target),
     )
     data_dir = Path(data_dir)
     benchmark = load_benchmark(data_dir)
@@ -543,6 +550,14 @@ def unlearn_model(
     }
     start_metrics = cached_json("start-metrics", start_key, lambda: evaluate(net))
     loop_config = LoopConfig.from_settings(config, forget_sampler.steps_per_epoch)
+
+    def after_shard(sharded: torch.nn.Module, group) -> None:
+        """Under FSDP2: SURE's mask and the robust objective act on the shards from here on."""
+        if mask is not None:
+            mask.bind(sharded, group)
+        if robust is not None:
+            robust.bind(sharded, group)
+
     result = run_loop(
         net,
         loop_config,
@@ -557,6 +572,7 @@ def unlearn_model(
         before_step=refresh_mask if mask is not None and config.sure_per_step else None,
         after_backward=mask.after_backward if mask else None,
         after_step=mask.after_step if mask else None,
+        after_shard=after_shard,
         emulate_bfloat16=config.weights == BFLOAT16_EMULATED,
     )
     net = result.model  # a plain module again after a sharded run
@@ -564,7 +580,8 @@ def unlearn_model(
         net = net.merge_and_unload()
     sure = None
     if mask is not None:
-        sure = {**mask.summary(), **mask.verify()}
+        verified = mask.verify(net)  # reads the trained weights (gathered, after a sharded run)
+        sure = {**mask.summary(), **verified}
         if not sure["frozen_elements_identical"]:
             # A bug in relapse, not bad input: keep the traceback.
             raise RuntimeError(f"SURE mask did not hold for {sure['changed_tensors']}")

@@ -215,6 +215,7 @@ def run_loop(
     before_step: Callable[[int], None] | None = None,
     after_backward: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
+    after_shard: Callable[[torch.nn.Module, Distributed], None] | None = None,
     emulate_bfloat16: bool = False,
 ) -> LoopResult:
     """Optimise ``model`` in place and return what happened.
@@ -234,6 +235,8 @@ def run_loop(
         after_backward: called once the step's gradients are complete, before clipping (e.g. to zero
             the gradients of frozen weights).
         after_step: called right after each optimiser step (e.g. to restore frozen weights).
+        after_shard: called in every process with the sharded model and the group once the model is
+            sharded (FSDP), before any step or resumed checkpoint (e.g. to point a mask at the shards).
         emulate_bfloat16: keep the trainable weights, their gradients and the Adam moments on bfloat16
             values while computing in float32 (see :data:`relapse.models.io.PRECISIONS`). The weights
             should start on bfloat16 values, as ``load_model(..., dtype="bfloat16-emulated")`` leaves them.
@@ -252,6 +255,8 @@ def run_loop(
         skeleton = meta_skeleton(model) if group.sharded else None  # before FSDP changes the module
         wrapped, optimizer = group.prepare(model, optimizer, config.max_grad_norm)
         params = [p for p in wrapped.parameters() if p.requires_grad]
+        if group.sharded and after_shard is not None:
+            after_shard(wrapped, group)
     is_main = group is None or group.is_main
     history: list[dict[str, Any]] = []
     loss_curve: list[float] = []

@@ -395,10 +395,22 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 #: Why an option cannot run when each process holds a shard of the weights (FSDP, DeepSpeed ZeRO-3).
 _SHARDED_REFUSALS = {
-    "--sure-top": "SURE masks rows of whole weight tensors, which sharding flattens and splits",
-    "--robust-to": "the robust objective rounds whole weight tensors, which sharding flattens and splits",
-    "rmu": "RMU stops the forward pass at its layer, which leaves the sharded layers above half gathered",
+    "--sure-per-step": (
+        "recomputing SURE's mask at every step changes which weights train after the sharded optimizer "
+        "is built; a mask chosen once at the start (--sure-top alone) runs under FSDP2"
+    ),
     "--lora-r": "LoRA adapters under sharding are not supported yet",
+}
+#: What runs under FSDP2 (each weight a DTensor split by rows: SURE's row masks map to each process's
+#: rows, the robust objective rounds the gathered weights inside each decoder layer's forward, RMU's
+#: forward runs to the end) but not where the weights are flat shards: FSDP1 and DeepSpeed ZeRO-3.
+_FLAT_SHARD_REFUSALS = {
+    "--sure-top": "SURE masks rows of whole weight tensors, which this sharding flattens and splits",
+    "--robust-to": "the robust objective rounds whole weight tensors, which this sharding flattens",
+    "rmu": (
+        "RMU's forward stops at its layer, which leaves this sharding's layers above half gathered "
+        "(relapse runs it to the end under DDP and FSDP2 only)"
+    ),
 }
 #: And why more cannot run under DeepSpeed, whose engine takes the optimiser step inside the backward
 #: pass: nothing can act on the complete gradient, or on the weights, between the two.
@@ -409,18 +421,52 @@ _DEEPSPEED_REFUSALS = {
 }
 
 
-def refuse_unsupported(strategy: str, features: dict[str, bool]) -> None:
+def refuse_unsupported(strategy: str, features: dict[str, bool], fsdp_version: int = 2) -> None:
     """Refuse, with a one-line error naming the option, what cannot work under ``strategy``.
 
     ``features`` maps an option as the CLI spells it (a key of the tables above) to whether the run
-    uses it. Called before any work, so a refused run costs nothing.
+    uses it; ``fsdp_version`` is the FSDP a ``fsdp`` strategy runs (:func:`requested_fsdp_version`).
+    Called before any work, so a refused run costs nothing.
     """
     why = dict(_SHARDED_REFUSALS) if strategy in ("fsdp", "deepspeed") else {}
+    if strategy == "deepspeed" or (strategy == "fsdp" and fsdp_version != 2):
+        why.update(_FLAT_SHARD_REFUSALS)
     if strategy == "deepspeed":
         why.update(_DEEPSPEED_REFUSALS)
+    name = "FSDP1" if strategy == "fsdp" and fsdp_version != 2 else strategy.upper()
     for option, used in features.items():
         if used and option in why:
             raise ConfigError(
-                f"{option} cannot run under {strategy.upper()}: {why[option]}; use DDP "
-                "(configs/accelerate/ddp.yaml)"
+                f"{option} cannot run under {name}: {why[option]}; use DDP (configs/accelerate/ddp.yaml)"
             )
+
+
+def requested_fsdp_version(device: torch.device) -> int:
+    """The FSDP version a run on ``device`` gets: 2 on the CPU (relapse's own FSDP2; a config asking for
+    1 is refused there), elsewhere the accelerate config's ``fsdp_version`` (accelerate's default, 1,
+    when it names none)."""
+    if device.type == "cpu":
+        return 2
+    return int(os.environ.get("FSDP_VERSION", "1") or "1")
+
+
+def local_rows(tensor: torch.Tensor) -> slice | None:
+    """The rows (along dim 0) of a full tensor that this process holds of ``tensor``: None for a plain
+    tensor (it holds all of them), the slice of its shard for a DTensor split along dim 0, as FSDP2
+    splits every parameter (``torch.chunk`` over the processes: ceil(rows / world) each, the last ones
+    shorter or empty)."""
+    if not hasattr(tensor, "to_local"):
+        return None
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(tensor.placements)
+    if len(placements) != 1 or not (isinstance(placements[0], Shard) and placements[0].dim == 0):
+        raise RuntimeError(f"expected a tensor sharded along dim 0 over one mesh dimension, got {placements}")
+    mesh = tensor.device_mesh
+    rows, world, rank = tensor.shape[0], mesh.size(), mesh.get_local_rank()
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    span = slice(start, min(start + chunk, rows))
+    if span.stop - span.start != tensor.to_local().shape[0]:
+        raise RuntimeError(f"a shard of {rows} rows holds {tensor.to_local().shape[0]}, not rows {span}")
+    return span
