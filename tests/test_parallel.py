@@ -377,6 +377,7 @@ def test_fsdp_two_cpu_processes_match_one(trained_small, small_benchmark_dir, si
     assert moved > 0 and 0 < apart < MAX_ABS and ratio < MAX_RATIO
 
 
+@pytest.mark.slow  # ~20-30 s
 def test_fsdp_keeps_sam_bfloat16_emulation_and_accumulation_working(
     trained_small, small_benchmark_dir, tmp_path
 ):
@@ -422,10 +423,11 @@ def test_fsdp_keeps_sam_bfloat16_emulation_and_accumulation_working(
         # installed), one per step (5 steps: each grid once), rounding the gathered weights inside each
         # layer's forward; and the margin term, at lr 1e-3 so that weights move past a tenth of RTN's
         # step (5.6e-3 at least here) and it acts.
-        (
+        pytest.param(
             "npo+gdr",
             ["--robust-to", "default", "--robust-margin", "1", "--lr", "1e-3", "--steps", "5"],
             {"robust_to": ["default"], "robust_margin": 1.0, "lr": 1e-3, "max_steps": 5},
+            marks=pytest.mark.slow,  # ~25-45 s: the fast suite keeps to its budget
         ),
     ],
     ids=["sure-neuron", "rmu", "robust-default-margin"],
