@@ -91,3 +91,65 @@ def test_default_jobs(monkeypatch):
     assert default_jobs("cpu") == 2  # both cores of a small CPU, one thread each
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert default_jobs("cpu") == 1  # a larger CPU: one process, one thread per core
+
+
+PARENT = """
+import os, sys, time
+from relapse.workers import Task, Workers
+from tests.test_workers import report_pid_then_wait
+
+with Workers(2, threads=1) as pool:
+    pool.run([Task(report_pid_then_wait, (sys.argv[1],)), Task(report_pid_then_wait, (sys.argv[1],))])
+"""
+
+
+def report_pid_then_wait(folder: str, emit) -> None:
+    """A task that writes its process id to ``folder`` and then runs far longer than the test waits."""
+    import time
+
+    with open(os.path.join(folder, f"{os.getpid()}.pid"), "w") as handle:
+        handle.write("started")
+    time.sleep(600)
+
+
+def test_workers_end_when_the_process_that_started_them_is_killed(tmp_path):
+    """A caller killed outright (SIGKILL runs no clean-up) leaves its workers orphaned: they must notice
+    and end, not finish their tasks alone for a run nobody waits for."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "src")])}
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path)], env=env, cwd=root)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+            assert parent.poll() is None, "the parent ended before its workers started"
+            time.sleep(0.2)
+        pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
+        assert len(pids) == 2
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 20
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [pid for pid in pids if _running(pid)]
+        assert not alive, f"workers {alive} outlived their parent"
+    finally:
+        parent.kill()
+        for pid in [int(p.stem) for p in tmp_path.glob("*.pid")]:
+            if _running(pid):
+                os.kill(pid, 9)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -211,10 +211,34 @@ def _start_worker(threads: int | None, slots: Any, events: Any, logging_setup: t
         hf_logging.set_verbosity(verbosity)
         hf_logging.disable_progress_bar()
     _worker_events = events
+    _exit_with_parent()
     set_threads(threads)
     slot = slots.get()
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
         torch.cuda.set_device(slot % torch.cuda.device_count())
+
+
+#: How often a worker checks that the process that started it is still alive, in seconds.
+_PARENT_CHECK_SECONDS = 1.0
+
+
+def _exit_with_parent() -> None:
+    """End this worker when the process that started it dies. A caller killed outright (SIGKILL, or a
+    SIGTERM, whose default action skips Python's clean-up) cannot stop its workers, and a worker would
+    otherwise finish its task alone, burning CPU and writing to the cache for a run nobody waits for.
+    An orphan is adopted by another process, so its parent id changes: a daemon thread watches it."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_CHECK_SECONDS)
+        os._exit(1)  # no clean-up to run: the task's outputs are written atomically or not at all
+
+    threading.Thread(target=watch, name="relapse-parent-watch", daemon=True).start()
 
 
 def _run_task(function: Callable[..., Any], arguments: tuple[Any, ...]) -> Any:
