@@ -887,3 +887,49 @@ def test_a_cell_keeps_the_forget_questions_its_attack_is_read_on():
     info = {"split": "forget-half", "steps": 25, "loss_curve": [1.0, 0.5], "measure_forget_qa": [1, 3]}
     assert _small_info(info) == {"split": "forget-half", "steps": 25, "measure_forget_qa": [1, 3]}
     assert "measure_forget_qa" not in _small_info({"split": "retain", "measure_forget_qa": []})
+
+
+def test_which_changes_extend_an_earlier_audit(monkeypatch):
+    """Only additions extend: more attacks, more models, a retrained model no metric is relative to.
+    Anything else (another seed, a model taken away or relabelled, a retrained model that PrivLeak would
+    be measured against) leaves the earlier cells unusable."""
+    from relapse.audit import sweep
+    from relapse.runtime import stable_hash
+
+    monkeypatch.setattr(sweep, "_config_hash", lambda config: stable_hash(config.to_json()))
+
+    def config(**changes) -> AuditConfig:
+        settings = {
+            "target": "/m/target",
+            "unlearned": ["/m/u"],
+            "data": "/d",
+            "attacks": ["prune-30"],
+            "metrics": ["recall_forget"],
+        }
+        return AuditConfig(**{**settings, **changes})
+
+    def extends(earlier: AuditConfig, later: AuditConfig) -> bool:
+        existing = {
+            "config": earlier.to_json(),
+            "config_hash": sweep._config_hash(earlier),
+            "models": sweep.model_labels(earlier),
+            "cells": {},
+        }
+        return sweep._extended(existing, later, sweep._config_hash(later)) is not None
+
+    earlier = config()
+    assert extends(earlier, config(attacks=["prune-30", "rtn-w8-ch"]))
+    assert extends(earlier, config(unlearned=["/m/u", "/m/v"]))
+    assert extends(earlier, config(retrained="/m/r"))
+    assert not extends(earlier, config(seed=1))
+    assert not extends(earlier, config(unlearned=["/m/v"]))
+    assert not extends(earlier, config(labels={"/m/u": "renamed"}))
+    assert not extends(earlier, config(attacks=["rtn-w8-ch"]))
+    with_privleak = config(metrics=["recall_forget", "privleak"])
+    assert not extends(with_privleak, config(metrics=["recall_forget", "privleak"], retrained="/m/r"))
+    # An earlier audit whose hash no longer matches its own settings (its models or data changed since).
+    assert not sweep._extended(
+        {"config": earlier.to_json(), "config_hash": "stale", "models": {}, "cells": {}},
+        config(attacks=["prune-30", "rtn-w8-ch"]),
+        "new",
+    )
