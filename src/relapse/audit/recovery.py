@@ -211,11 +211,13 @@ def recovery_table(results: dict[str, Any]) -> dict[str, dict[str, dict[str, flo
     retrained = _role(results, "retrained")
     directions = {metric: metric_direction(metric) for metric in forget_metrics(results)}
     table: dict[str, dict[str, dict[str, float | None]]] = {}
+    attacks = results["config"]["attacks"]
+    read_on = {attack: measured_questions(results, attack) for attack in attacks}
     for model in _roles(results, "unlearned"):
         per_attack: dict[str, dict[str, float | None]] = {}
-        for attack in results["config"]["attacks"]:
+        for attack in attacks:
             row: dict[str, float | None] = {}
-            questions = measured_questions(results, attack)
+            questions = read_on[attack]
             for metric, direction in directions.items():
                 subset = questions if per_forget_question(metric) else None
 
