@@ -896,7 +896,7 @@ def test_which_changes_extend_an_earlier_audit(monkeypatch):
     from relapse.audit import sweep
     from relapse.runtime import stable_hash
 
-    monkeypatch.setattr(sweep, "_config_hash", lambda config: stable_hash(config.to_json()))
+    monkeypatch.setattr(sweep, "_config_hash", lambda config, known=None: stable_hash(config.to_json()))
 
     def config(**changes) -> AuditConfig:
         settings = {

@@ -150,16 +150,25 @@ def model_labels(config: AuditConfig) -> dict[str, dict[str, str]]:
     return models
 
 
-def _config_hash(config: AuditConfig) -> str:
+def _config_hash(config: AuditConfig, known: dict[str, str] | None = None) -> str:
+    """The hash guarding a results folder: settings, each model's identity and the data's bytes.
+    ``known`` keeps the identities and data hashes already computed, by path, so that hashing an earlier
+    audit's settings beside the new ones reads each model's weights and the data once."""
     from relapse.models.io import model_identity
 
+    known = {} if known is None else known
+
+    def once(key: str, compute) -> str:
+        if key not in known:
+            known[key] = compute()
+        return known[key]
+
+    models = [p for p in [config.target, config.retrained, *config.unlearned] if p]
     return stable_hash(
         {
             "config": config.to_json(),
-            "models": {
-                p: model_identity(p) for p in [config.target, config.retrained, *config.unlearned] if p
-            },
-            "data": hash_files(benchmark_files(Path(config.data))),
+            "models": {p: once(f"model:{p}", lambda p=p: model_identity(p)) for p in models},
+            "data": once(f"data:{config.data}", lambda: hash_files(benchmark_files(Path(config.data)))),
         }
     )
 
@@ -172,7 +181,9 @@ def _earlier_config(existing: dict[str, Any]) -> AuditConfig | None:
         return None
 
 
-def _extended(existing: dict[str, Any], config: AuditConfig, key: str) -> dict[str, Any] | None:
+def _extended(
+    existing: dict[str, Any], config: AuditConfig, key: str, known: dict[str, str] | None = None
+) -> dict[str, Any] | None:
     """``existing`` carried over to ``config`` when ``config`` only adds attacks or models to it, else None.
 
     Every finished cell stays valid when the earlier audit's hash still holds for the models and data
@@ -180,9 +191,10 @@ def _extended(existing: dict[str, Any], config: AuditConfig, key: str) -> dict[s
     taken away: no attack, no model, no label changed. A retrained model added to an audit that had none
     leaves the cells valid unless a metric is relative to it (PrivLeak, forget quality). The new cells
     are then computed like a resumed audit's; derived parts (recovery, verdicts) are rebuilt at the end.
+    ``known``: the identities :func:`_config_hash` already computed for ``key``.
     """
     earlier = _earlier_config(existing)
-    if earlier is None or _config_hash(earlier) != existing.get("config_hash"):
+    if earlier is None or _config_hash(earlier, known) != existing.get("config_hash"):
         return None
     reference = set(REFERENCE_METRICS) & set(config.metrics)
     if earlier.retrained != config.retrained and (earlier.retrained is not None or reference):
@@ -204,7 +216,8 @@ def _extended(existing: dict[str, Any], config: AuditConfig, key: str) -> dict[s
 def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> tuple[dict[str, Any], str | None]:
     """The results to resume in ``out`` (new ones where there are none), and a note when an earlier audit
     there is extended by more attacks or models."""
-    key = _config_hash(config)
+    known: dict[str, str] = {}
+    key = _config_hash(config, known)
     path = out / RESULTS_NAME
     if path.exists():
         try:
@@ -214,7 +227,7 @@ def _open_results(out: Path, config: AuditConfig, overwrite: bool) -> tuple[dict
         if existing and existing.get("config_hash") == key:
             return existing, None
         if existing and not overwrite:
-            extended = _extended(existing, config, key)
+            extended = _extended(existing, config, key, known)
             if extended is not None:
                 added = [a for a in config.attacks if a not in existing["config"]["attacks"]]
                 added += [m for m in extended["models"] if m not in existing["models"]]
