@@ -46,6 +46,32 @@ from relapse.runtime import RunContext, atomic_write_json, atomic_write_text
 NOISE_CONTROL = "noise-like-rtn-w4-g64-sym"
 QUANTIZERS = ["rtn-w4-g64-sym", "rtn-w4-ch", "gptq-w4-g64", "bnb-fp4", "bnb-nf4", "gguf-q4_1"]
 ATTACKS = [*QUANTIZERS, "relearn-retain-25", NOISE_CONTROL]
+#: SmolLM2 fine-tuned in bfloat16 at lr 1e-3, then NPO+GDR in bfloat16 at lr 1e-4 until forget recall
+#: 0.3 (at most 48 steps): the cell where the relapse shows (docs/study-smollm2.md).
+BF16_CELL = {
+    "finetune": [(1e-3, 150)],
+    "unlearn_lr": [1e-4],
+    "weights": ["bfloat16-emulated"],
+    "methods": ["npo+gdr"],
+    "unlearn_steps": 48,
+    "stop_forget_recall": 0.3,
+}
+#: The rows of the robustness table in that cell, at one learning rate each (selection would double a
+#: row's cost on a CPU): the baseline; the robust objective; -fp32, the same unlearning on float32 master
+#: weights (the bf16 target's values in float32); SURE at 10x the baseline's rate (the paper's
+#: prescription); SimNPO+GDR; RMU; and SAM on NPO+GDR.
+BF16_VARIANTS = {
+    "": {},
+    "-robust": {"robust_to": ["default"]},
+    "-fp32": {"weights": "float32"},
+    "-sure": {"sure_top": 0.1, "lr": 1e-3},
+    "-simnpo": {"method": "simnpo+gdr"},
+    "-rmu": {"method": "rmu", "alpha": 10},
+    # At the baseline's rate RMU's bfloat16 updates are lost (forget recall stays 1.00 after 48 steps);
+    # 10x, as for SURE, is the rate its few MLP weights need.
+    "-rmu-10x": {"method": "rmu", "alpha": 10, "lr": 1e-3},
+    "-sam": {"sam_rho": 0.05},
+}
 GRIDS = {
     "quick": {"finetune": [(3e-4, 200)], "unlearn_lr": [1e-5, 1e-4], "weights": ["float32"]},
     "full": {
@@ -71,66 +97,21 @@ GRIDS = {
     },
     # bfloat16 storage with a fine-tuning strong enough to survive 4-bit RTN (at lr 3e-4 it did not), and
     # the unlearning that forgot in bfloat16 at lr 3e-4 (NPO+GDR at lr 1e-4 until forget recall 0.3).
-    "cpu-bf16-strong": {
-        "finetune": [(1e-3, 150)],
-        "unlearn_lr": [1e-4],
-        "weights": ["bfloat16-emulated"],
-        "methods": ["npo+gdr"],
-        "unlearn_steps": 48,
-        "stop_forget_recall": 0.3,
-    },
-    # The relapsing cell above with the quantization-robust objective beside the baseline: the loss also
-    # on the weights as RTN (per channel, g64, g128), NF4, FP4 and the base model's Q4_1 grid round them;
-    # and float32 master weights, the trivial remedy.
-    "cpu-bf16-robust": {
-        "finetune": [(1e-3, 150)],
-        "unlearn_lr": [1e-4],
-        "weights": ["bfloat16-emulated"],
-        "methods": ["npo+gdr"],
-        "unlearn_steps": 48,
-        "stop_forget_recall": 0.3,
-        # -fp32: the trivial remedy, the same unlearning on float32 master weights (the bf16 target's
-        # values in float32). The other methods of the robustness table, in the same bfloat16 regime at
-        # one learning rate each (selection would double the cost of a row on a CPU): SURE at 10x the
-        # baseline's rate (the paper's prescription), SimNPO+GDR, RMU, and SAM on NPO+GDR.
-        "variants": {
-            "": {},
-            "-robust": {"robust_to": ["default"]},
-            "-fp32": {"weights": "float32"},
-            "-sure": {"sure_top": 0.1, "lr": 1e-3},
-            "-simnpo": {"method": "simnpo+gdr"},
-            "-rmu": {"method": "rmu", "alpha": 10},
-            # At the baseline's rate RMU's bfloat16 updates are lost (forget recall stays 1.00 after 48
-            # steps); 10x, as for SURE, is the rate its few MLP weights need.
-            "-rmu-10x": {"method": "rmu", "alpha": 10, "lr": 1e-3},
-            "-sam": {"sam_rho": 0.05},
-        },
-    },
+    "cpu-bf16-strong": BF16_CELL,
+    # The relapsing cell above with the quantization-robust objective beside the baseline (the loss also
+    # on the weights as RTN per channel, g64 and g128, NF4, FP4 and the base model's Q4_1 grid round
+    # them), float32 master weights (the trivial remedy) and the other methods of the robustness table.
+    "cpu-bf16-robust": {**BF16_CELL, "variants": BF16_VARIANTS},
     # The bar's reading of that cell: a retrained model (fine-tuned on retain only, for the forget clause
-    # and the relearning control), relearning on half of the forget set, and the robust objective against
-    # the same target. Rows of cpu-bf16-robust are read from the cache when that grid ran on this machine
-    # with the same benchmark (``--data``). Learning-rate selection for float32 masters ({1e-4, 5e-5}) and
-    # SURE ({1e-3, 5e-4}) chose the rates of the -fp32 and -sure rows (docs/robustness.md), so the
-    # selected models are those rows' and are not audited twice.
+    # and the relearning control) and relearning on half of the forget set. Its rows are read from the
+    # cache when cpu-bf16-robust ran on this machine with the same benchmark (``--data``). Learning-rate
+    # selection for float32 masters ({1e-4, 5e-5}) and SURE ({1e-3, 5e-4}) chose the rates of the -fp32
+    # and -sure rows (docs/robustness.md), so the selected models are those rows' and are not audited twice.
     "cpu-bf16-bar": {
-        "finetune": [(1e-3, 150)],
-        "unlearn_lr": [1e-4],
-        "weights": ["bfloat16-emulated"],
-        "methods": ["npo+gdr"],
-        "unlearn_steps": 48,
-        "stop_forget_recall": 0.3,
+        **BF16_CELL,
         "retrained": True,
         "attacks": [*ATTACKS, "relearn-forget-half-25"],
-        "variants": {
-            "": {},
-            "-fp32": {"weights": "float32"},
-            "-sure": {"sure_top": 0.1, "lr": 1e-3},
-            "-simnpo": {"method": "simnpo+gdr"},
-            "-rmu": {"method": "rmu", "alpha": 10},
-            "-rmu-10x": {"method": "rmu", "alpha": 10, "lr": 1e-3},
-            "-sam": {"sam_rho": 0.05},
-            "-robust": {"robust_to": ["default"]},
-        },
+        "variants": BF16_VARIANTS,
     },
 }
 UNLEARN_DEFAULTS = {
